@@ -42,12 +42,14 @@ def verify_safe(ckpt_dir: str | Path) -> None:
             with torch.serialization.safe_globals(_safe_globals()):
                 torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure here means: do not unpickle it for real
-            raise UnsafeCheckpointError(f"{path}: refused to load, it is not a plain tensor checkpoint ({e})") from e
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load, it is not a plain tensor checkpoint ({e})"
+            ) from e
 
 
-def save(engine, cfg: Config, state: dict[str, Any], rank: int, scratch: str | None = None) -> str:  # noqa: ANN001
-    """Every rank writes its shard into its own local directory; Ray merges them into one checkpoint."""
-    ckpt_dir = tempfile.mkdtemp(prefix="galaxalign-ckpt-", dir=scratch)
+def save(engine, cfg: Config, state: dict[str, Any], rank: int, ckpt_dir: str | None = None) -> str:  # noqa: ANN001
+    """Every rank writes its shard (by default into its own local temp dir; Ray merges them into one)."""
+    ckpt_dir = ckpt_dir or tempfile.mkdtemp(prefix="galaxalign-ckpt-")
     engine.save_checkpoint(ckpt_dir, tag=TAG)
     if rank == 0:
         Path(ckpt_dir, STATE_FILE).write_text(json.dumps(state, indent=2))

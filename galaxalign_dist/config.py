@@ -166,13 +166,17 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         try:
             value = float(value) if tp is float else int(value)
         except ValueError:
-            raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+            raise ConfigError(
+                f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}"
+            ) from None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        ):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if tp is bool:
@@ -288,7 +292,10 @@ def validate(cfg: Config) -> None:
     _choice("loss.targets", cfg.loss.targets, ("diagonal", "class_aware"))
     _choice("optim.schedule", cfg.optim.schedule, ("cosine", "constant"))
     _choice("data.on_bad_image", d.on_bad_image, ("error", "skip"))
-    for key, value in (("engine.num_workers", e.num_workers), ("engine.grad_accum_steps", e.grad_accum_steps)):
+    for key, value in (
+        ("engine.num_workers", e.num_workers),
+        ("engine.grad_accum_steps", e.grad_accum_steps),
+    ):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if d.batch_size < 1:
@@ -338,4 +345,3 @@ def flat_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = tp
     return out
-

@@ -59,7 +59,14 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     # open_clip's rule: no weight decay on gains, biases, norms and the temperature.
-    return p.ndim < 2 or "bias" in name or "ln" in name or "bn" in name or "norm" in name or name == "logit_scale"
+    return (
+        p.ndim < 2
+        or "bias" in name
+        or "ln" in name
+        or "bn" in name
+        or "norm" in name
+        or name == "logit_scale"
+    )
 
 
 def param_groups(model: TriModalCLIP, cfg: Config) -> list[dict[str, Any]]:

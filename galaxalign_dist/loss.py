@@ -89,7 +89,9 @@ class TriModalLoss(torch.nn.Module):
         for a, b in pairs:
             logits_ab = scale * features[a] @ gathered[b].T  # (B, world*B): local a vs all b
             logits_ba = scale * features[b] @ gathered[a].T
-            loss = (F.cross_entropy(logits_ab.float(), targets) + F.cross_entropy(logits_ba.float(), targets)) / 2
+            loss = (
+                F.cross_entropy(logits_ab.float(), targets) + F.cross_entropy(logits_ba.float(), targets)
+            ) / 2
             parts[f"{a}_{b}"] = loss.detach()
             total = total + self.weights[(a, b)] * loss
         return total, parts

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -59,7 +60,9 @@ def build_clip(cfg: ModelConfig, load_pretrained: bool = True) -> open_clip.Cust
         # classic CLIP checkpoints (e.g. OpenAI's) to that layout when loading.
         model = open_clip.create_model(cfg.name, pretrained=pretrained, force_custom_text=True)
     if not isinstance(model, open_clip.CustomTextCLIP):
-        raise ValueError(f"model.name: {cfg.name!r} does not build a two-tower CLIP (got {type(model).__name__})")
+        raise ValueError(
+            f"model.name: {cfg.name!r} does not build a two-tower CLIP (got {type(model).__name__})"
+        )
     if cfg.lock_image:
         model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups)
     if cfg.lock_text:
@@ -133,7 +136,10 @@ class TriModalCLIP(nn.Module):
 
 
 def build_model(
-    model_cfg: ModelConfig, loss_cfg: LossConfig, with_symbol_tower: bool = False, load_pretrained: bool = True
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    with_symbol_tower: bool = False,
+    load_pretrained: bool = True,
 ) -> TriModalCLIP:
     model = TriModalCLIP(build_clip(model_cfg, load_pretrained=load_pretrained), loss_cfg)
     if with_symbol_tower:

@@ -58,7 +58,9 @@ class Trainer:
         self.cfg, self.data, self.reporter = cfg, data, reporter
         self.rank, self.world = _rank_world()
         self.loss_fn = TriModalLoss(cfg.loss)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.engine.precision]
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            cfg.engine.precision
+        ]
         self.step = 0  # optimizer steps over the whole run
         self.writer = None
         if log_dir and self.rank == 0 and cfg.logging.tensorboard:
@@ -91,6 +93,8 @@ class Trainer:
         return max(1, n_epochs * self.data.steps_per_epoch // self.cfg.engine.grad_accum_steps)
 
     def _new_stage_engine(self, stage: int, previous=None):  # noqa: ANN001, ANN202
+        # Same seed on every rank: ZeRO-3 keeps each rank's slice of its own initial weights.
+        torch.manual_seed(self.cfg.run.seed)
         if stage == 2 and previous is not None:
             # Stage 1 -> 2: the full fp32 stage-1 weights (gathered from the ZeRO shards) seed a fresh
             # model whose symbol tower is an exact copy of the image tower; fresh optimizer too.
@@ -111,7 +115,9 @@ class Trainer:
                 return 1, 0, None
             state = checkpoint.read_state(ckpt_dir)
             stage = int(state["stage"])
-            model = build_model(self.cfg.model, self.cfg.loss, with_symbol_tower=stage == 2, load_pretrained=False)
+            model = build_model(
+                self.cfg.model, self.cfg.loss, with_symbol_tower=stage == 2, load_pretrained=False
+            )
             engine = build_engine(model, self.cfg, self.world, self._total_steps(stage))
             checkpoint.load(engine, ckpt_dir)
         self.step = int(state["step"])
@@ -125,7 +131,9 @@ class Trainer:
         if self.rank == 0 and self.cfg.logging.progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(it, total=self.data.steps_per_epoch, desc=f"epoch {epoch_index}", leave=False, mininterval=2)
+            it = tqdm(
+                it, total=self.data.steps_per_epoch, desc=f"epoch {epoch_index}", leave=False, mininterval=2
+            )
         return iter(it)
 
     def _epoch(self, engine, stage: int, epoch: int, n_epochs: int) -> dict[str, Any]:  # noqa: ANN001
@@ -142,7 +150,9 @@ class Trainer:
             images = batch["image"].to(engine.device, self.dtype, non_blocking=True)
             tokens = batch["tokens"].to(engine.device, non_blocking=True)
             labels = batch["label"].to(engine.device, non_blocking=True)
-            symbols = batch["symbol"].to(engine.device, self.dtype, non_blocking=True) if use_symbols else None
+            symbols = (
+                batch["symbol"].to(engine.device, self.dtype, non_blocking=True) if use_symbols else None
+            )
             out = engine(images, tokens, symbols)
             loss, parts = self.loss_fn(out, out["logit_scale"], labels, pairs)
             engine.backward(loss)
@@ -157,7 +167,9 @@ class Trainer:
                 self._log_step(loss, parts, model)  # host sync: once per log interval only
             t_last = time.perf_counter()
         if n_batches == 0:
-            raise RuntimeError(f"epoch {epoch_index}: rank {self.rank} got no batches (dataset smaller than a batch?)")
+            raise RuntimeError(
+                f"epoch {epoch_index}: rank {self.rank} got no batches (dataset smaller than a batch?)"
+            )
         elapsed = time.perf_counter() - t_start
         result = self._epoch_metrics(engine, sums, n_batches, samples, elapsed, data_wait, stage, epoch)
         self._check_finite(result["loss"], epoch_index)
@@ -184,7 +196,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(vec)
             vec /= self.world
-        values = dict(zip(keys, vec.tolist()))  # host sync (once per epoch)
+        values = dict(zip(keys, vec.tolist(), strict=True))  # host sync (once per epoch)
         out: dict[str, Any] = {"loss": values.pop("loss"), **{f"loss_{k}": v for k, v in values.items()}}
         out["temperature"] = self._temperature(engine)
         for group in engine.optimizer.param_groups:

@@ -20,7 +20,10 @@ WORLD, LOCAL_B, DIM = 2, 6, 16
 
 def _inputs(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    feats = {m: F.normalize(torch.randn(WORLD * LOCAL_B, DIM, generator=g), dim=-1) for m in ("image", "symbol", "text")}
+    feats = {
+        m: F.normalize(torch.randn(WORLD * LOCAL_B, DIM, generator=g), dim=-1)
+        for m in ("image", "symbol", "text")
+    }
     labels = torch.randint(0, 3, (WORLD * LOCAL_B,), generator=g)  # few classes: many same-class pairs
     scale = torch.tensor([14.0])
     return feats, labels, scale
@@ -66,7 +69,9 @@ def test_two_process_gloo_equals_single_process(targets, pairs):
     ref_loss, ref_grads, ref_scale_grad = _reference(targets, pairs)
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.start_processes(_worker, args=(_free_port(), targets, pairs, out), nprocs=WORLD, start_method="spawn")
+        mp.start_processes(
+            _worker, args=(_free_port(), targets, pairs, out), nprocs=WORLD, start_method="spawn"
+        )
         results = [out[r] for r in range(WORLD)]
     # Forward: the mean of the ranks' local losses is the global loss.
     assert abs(sum(r[0] for r in results) / WORLD - ref_loss) < 1e-5

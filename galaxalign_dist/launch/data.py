@@ -1,0 +1,52 @@
+"""Ray Data pipelines: Parquet shards -> decode + augment (TripletTransform) -> per-worker torch batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+import ray.data
+
+from galaxalign_dist import shards
+from galaxalign_dist.config import Config
+from galaxalign_dist.data import TripletTransform
+from galaxalign_dist.model import build_tokenizer, image_size
+
+COLUMNS = ["id", "image", "label", "text", "symbol"]
+
+
+def quiet_data_context() -> None:
+    # Ray Data's progress bars flood job logs (one line per refresh); our loop has its own bar.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def make_transform(cfg: Config, train: bool) -> TripletTransform:
+    return TripletTransform(
+        image_size=image_size(cfg.model),
+        train=train and cfg.data.augment,
+        tokenizer=build_tokenizer(cfg.model),
+        seed=cfg.run.seed,
+        on_bad_image=cfg.data.on_bad_image,
+    )
+
+
+def train_dataset(cfg: Config) -> ray.data.Dataset:
+    """Streamed, never materialised: read tasks and transform tasks run while workers train."""
+    files = shards.split_files(cfg.data.path, cfg.data.train_split)
+    ds = ray.data.read_parquet(files, columns=COLUMNS, shuffle="files")  # new file order every epoch
+    # Transform in Ray Data tasks (not on the training worker) so decode/augment overlaps compute.
+    return ds.map_batches(
+        make_transform(cfg, train=True), batch_format="numpy", batch_size=cfg.micro_batch_size
+    )
+
+
+def rows_per_split(cfg: Config, split: str) -> int:
+    meta = shards.read_metadata(cfg.data.path)
+    counts = meta["counts"].get(split, {})
+    return int(sum(counts.values())) if isinstance(counts, dict) else int(counts)
+
+
+def data_dir(cfg: Config) -> Path:
+    return Path(cfg.data.path)

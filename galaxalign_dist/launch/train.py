@@ -1,0 +1,203 @@
+"""Ray Train launch: checks before Ray starts, the TorchTrainer, and the per-worker function that runs the loop."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from galaxalign_dist import config as config_mod
+from galaxalign_dist import shards
+from galaxalign_dist.config import Config
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- before Ray
+
+
+def storage_root(cfg: Config) -> str:
+    """Ray needs an absolute local path, or a URI (s3://, gs://) for shared storage."""
+    return cfg.run.out_dir if "://" in cfg.run.out_dir else str(Path(cfg.run.out_dir).resolve())
+
+
+def run_dir(cfg: Config) -> str:
+    return f"{storage_root(cfg).rstrip('/')}/{cfg.run.name}"
+
+
+def ensure_dataset(cfg: Config) -> dict[str, Any]:
+    """Prepare the dataset if asked and absent; validate it. Runs in the driver, before any worker."""
+    path = Path(cfg.data.path)
+    if not (path / shards.METADATA_FILE).exists() and cfg.data.prepare_source:
+        from galaxalign_dist.prepare import prepare
+
+        log.info("preparing %s into %s", cfg.data.prepare_source, path)
+        prepare(cfg.data.prepare_source, path, n=cfg.data.prepare_n or None, seed=cfg.run.seed)
+    meta = shards.read_metadata(path)  # clear error when missing or invalid
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        if not shards.split_files(path, split):
+            raise FileNotFoundError(f"data.path: {path} has no '{split}' split (see its metadata.json)")
+    n_train = split_rows(meta, cfg.data.train_split)
+    per_rank = n_train // cfg.engine.num_workers
+    if per_rank < cfg.micro_batch_size:
+        raise ValueError(
+            f"data.batch_size: each of {cfg.engine.num_workers} workers gets {per_rank} training rows, fewer "
+            f"than one micro batch of {cfg.micro_batch_size}; lower data.batch_size or add data"
+        )
+    return meta
+
+
+def split_rows(meta: dict[str, Any], split: str) -> int:
+    counts = meta["counts"][split]
+    return int(sum(counts.values())) if isinstance(counts, dict) else int(counts)
+
+
+def check(cfg: Config) -> dict[str, Any]:
+    """Everything that can be checked without a cluster: config, model name, dataset."""
+    from galaxalign_dist.model import check_model_name
+
+    config_mod.validate(cfg)
+    check_model_name(cfg.model.name)
+    return ensure_dataset(cfg)
+
+
+# ----------------------------------------------------------------------------- on each worker
+
+
+class RayReporter:
+    """ray.train.report / get_checkpoint behind the loop's Reporter protocol."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)  # a barrier: every rank calls it once per epoch
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(None)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: one DeepSpeed rank."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_mod.from_dict(loop_config["config"])
+    from galaxalign_dist.engine import set_accelerator
+
+    set_accelerator(cfg.engine.use_gpu)  # before anything imports deepspeed
+    import ray.train
+
+    from galaxalign_dist.data import iter_batches
+    from galaxalign_dist.launch.data import make_transform
+    from galaxalign_dist.model import build_tokenizer
+    from galaxalign_dist.trainer import TrainData, Trainer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    meta = shards.read_metadata(cfg.data.path)
+    mb = cfg.micro_batch_size
+    shard = ray.train.get_dataset_shard("train")
+    shuffle = cfg.data.shuffle_buffer if cfg.data.augment else None
+
+    def train_batches(epoch: int):  # noqa: ANN202
+        # drop_last + Ray's equal split: every rank yields the same number of batches, which ZeRO's
+        # collectives and ray.train.report (a barrier) both need.
+        return shard.iter_torch_batches(batch_size=mb, drop_last=True, local_shuffle_buffer_size=shuffle)
+
+    # Validation reads its split directly (pyarrow, rank-sharded): a few thousand rows at most.
+    n_val = min(split_rows(meta, cfg.data.val_split), cfg.run.eval_max_rows)
+    val_bs = max(1, min(mb, n_val // world))
+    val_batches_per_rank = (n_val // world) // val_bs
+    val_transform = make_transform(cfg, train=False)
+
+    def val_batches():  # noqa: ANN202
+        it = iter_batches(
+            cfg.data.path,
+            cfg.data.val_split,
+            val_bs,
+            val_transform,
+            drop_last=True,
+            rank=rank,
+            world_size=world,
+        )
+        return itertools.islice(it, val_batches_per_rank)
+
+    tokenizer = build_tokenizer(cfg.model)
+    data = TrainData(
+        train=train_batches,
+        steps_per_epoch=(split_rows(meta, cfg.data.train_split) // world) // mb,
+        val=val_batches if val_batches_per_rank > 0 else None,
+        class_tokens=tokenizer(list(meta["captions"])),
+    )
+    Trainer(cfg, data, RayReporter(), log_dir=loop_config.get("log_dir")).fit()
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def build_trainer(cfg: Config, callbacks: list[Any] | None = None):  # noqa: ANN201
+    """A TorchTrainer for the run; Tune trials call this too, each with its own run name."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from galaxalign_dist.launch.data import quiet_data_context, train_dataset
+
+    quiet_data_context()
+    e = cfg.engine
+    resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if e.use_gpu else {})}
+    log_dir = f"{run_dir(cfg)}/tensorboard" if "://" not in run_dir(cfg) else None
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "log_dir": log_dir},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=e.num_workers, use_gpu=e.use_gpu, resources_per_worker=resources
+        ),
+        # gloo on CPU, nccl on GPU: the same loop code either way.
+        torch_config=TorchConfig(backend="nccl" if e.use_gpu else "gloo"),
+        datasets={"train": train_dataset(cfg)},
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_root(cfg),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def init_ray() -> None:
+    """Connect to a running cluster (RAY_ADDRESS, as `ray job submit` sets) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Workers inherit these: no hub lookups for offline machines that set HF_HUB_OFFLINE, and the
+    # DeepSpeed CPU op cache stays shared between runs.
+    env = {
+        k: os.environ[k]
+        for k in ("HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
+        if k in os.environ
+    }
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS"),
+        runtime_env={"env_vars": env} if env else None,
+        log_to_driver=True,
+    )
+
+
+def fit(cfg: Config):  # noqa: ANN201
+    """Check, then train with Ray Train; returns the ray.train.Result (raises if the run failed)."""
+    check(cfg)
+    if "://" not in run_dir(cfg):
+        Path(run_dir(cfg)).mkdir(parents=True, exist_ok=True)
+        cfg.save(Path(run_dir(cfg)) / "config.yaml")  # the resolved config next to the run's outputs
+    init_ray()
+    result = build_trainer(cfg).fit()
+    if result.error is not None:
+        raise result.error
+    return result
