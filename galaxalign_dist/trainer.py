@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import shutil
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from galaxalign_dist import checkpoint, metrics
 from galaxalign_dist.config import Config
-from galaxalign_dist.engine import build_engine, full_fp32_state_dict
+from galaxalign_dist.engine import build_engine, full_fp32_state_dict, partition_report
 from galaxalign_dist.loss import TriModalLoss, gather_no_grad, pairs_for
 from galaxalign_dist.model import TriModalCLIP, build_model
 
@@ -54,8 +55,16 @@ def _rank_world() -> tuple[int, int]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, data: TrainData, reporter: Reporter, log_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        data: TrainData,
+        reporter: Reporter,
+        log_dir: str | None = None,
+        metrics_file: str | None = None,
+    ) -> None:
         self.cfg, self.data, self.reporter = cfg, data, reporter
+        self.metrics_file = metrics_file if _rank_world()[0] == 0 else None  # one JSON line per epoch
         self.rank, self.world = _rank_world()
         self.loss_fn = TriModalLoss(cfg.loss)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
@@ -199,6 +208,9 @@ class Trainer:
         values = dict(zip(keys, vec.tolist(), strict=True))  # host sync (once per epoch)
         out: dict[str, Any] = {"loss": values.pop("loss"), **{f"loss_{k}": v for k, v in values.items()}}
         out["temperature"] = self._temperature(engine)
+        for tower, sizes in partition_report(engine).items():
+            # Share of each tower's parameters this rank holds: ~1/world under ZeRO-3, 1.0 otherwise.
+            out[f"shard_fraction_{tower}"] = sizes["local"] / max(1, sizes["full"])
         for group in engine.optimizer.param_groups:
             out[f"lr_{group.get('name', 'group')}"] = float(group["lr"])
         out.update(
@@ -273,6 +285,9 @@ class Trainer:
         keys = ("loss", "temperature", "val_f1", "val_map", "samples_per_s", "data_wait_s")
         shown = " ".join(f"{k}={result[k]:.4g}" for k in keys if k in result)
         log.info("stage %d epoch %d step %d: %s", result["stage"], result["epoch"], self.step, shown)
+        if self.metrics_file:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}) + "\n")
         if self.writer is not None:
             for k, v in result.items():
                 if isinstance(v, (int, float, np.floating)) and k not in ("stage", "epoch", "epoch_index"):

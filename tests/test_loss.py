@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from conftest import free_port
 from galaxalign_dist.config import LossConfig
 from galaxalign_dist.loss import STAGE1_PAIRS, STAGE2_PAIRS, TriModalLoss, pairs_for
 
@@ -38,41 +38,44 @@ def _reference(targets: str, pairs) -> tuple[float, dict[str, torch.Tensor], tor
     return loss.item(), {m: t.grad for m, t in leaves.items()}, s.grad
 
 
-def _worker(rank: int, port: int, targets: str, pairs, out: dict) -> None:
+CASES = [(t, p) for t in ("diagonal", "class_aware") for p in (STAGE1_PAIRS, STAGE2_PAIRS)]
+
+
+def _worker(rank: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        feats, labels, scale = _inputs()
-        rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
-        leaves = {m: f[rows].clone().requires_grad_(True) for m, f in feats.items()}
-        s = scale.clone().requires_grad_(True)
-        loss, _ = TriModalLoss(LossConfig(targets=targets))(leaves, s, labels[rows], pairs)
-        loss.backward()
-        # What data-parallel training does with replicated parameters (the temperature): average.
-        dist.all_reduce(s.grad)
-        s.grad /= WORLD
-        out[rank] = (loss.item(), {m: t.grad.clone() for m, t in leaves.items()}, s.grad.clone())
+        for case, (targets, pairs) in enumerate(CASES):  # one process group for every case: spawns are slow
+            feats, labels, scale = _inputs()
+            rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+            leaves = {m: f[rows].clone().requires_grad_(True) for m, f in feats.items()}
+            s = scale.clone().requires_grad_(True)
+            loss, _ = TriModalLoss(LossConfig(targets=targets))(leaves, s, labels[rows], pairs)
+            loss.backward()
+            # What data-parallel training does with replicated parameters (the temperature): average.
+            dist.all_reduce(s.grad)
+            s.grad /= WORLD
+            out[(case, rank)] = (loss.item(), {m: t.grad.clone() for m, t in leaves.items()}, s.grad.clone())
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture(scope="module")
+def two_process_results():
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_worker, args=(free_port(), out), nprocs=WORLD, start_method="spawn")
+        return dict(out)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("targets", ["diagonal", "class_aware"])
-@pytest.mark.parametrize("pairs", [STAGE1_PAIRS, STAGE2_PAIRS], ids=["stage1", "stage2"])
-def test_two_process_gloo_equals_single_process(targets, pairs):
+@pytest.mark.parametrize(
+    "case", range(len(CASES)), ids=["diag-stage1", "diag-stage2", "aware-stage1", "aware-stage2"]
+)
+def test_two_process_gloo_equals_single_process(two_process_results, case):
+    targets, pairs = CASES[case]
     ref_loss, ref_grads, ref_scale_grad = _reference(targets, pairs)
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(
-            _worker, args=(_free_port(), targets, pairs, out), nprocs=WORLD, start_method="spawn"
-        )
-        results = [out[r] for r in range(WORLD)]
+    results = [two_process_results[(case, r)] for r in range(WORLD)]
     # Forward: the mean of the ranks' local losses is the global loss.
     assert abs(sum(r[0] for r in results) / WORLD - ref_loss) < 1e-5
     # Backward: all_gather's backward sums every rank's loss into each rank's rows, so a rank's

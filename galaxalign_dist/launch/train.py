@@ -134,7 +134,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         val=val_batches if val_batches_per_rank > 0 else None,
         class_tokens=tokenizer(list(meta["captions"])),
     )
-    Trainer(cfg, data, RayReporter(), log_dir=loop_config.get("log_dir")).fit()
+    Trainer(
+        cfg, data, RayReporter(), log_dir=loop_config.get("log_dir"), metrics_file=loop_config.get("metrics_file")
+    ).fit()
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -150,10 +152,15 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None):  # noqa: ANN
     quiet_data_context()
     e = cfg.engine
     resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if e.use_gpu else {})}
-    log_dir = f"{run_dir(cfg)}/tensorboard" if "://" not in run_dir(cfg) else None
+    local = "://" not in run_dir(cfg)  # event files and metrics.jsonl need a local/NFS run dir
+    loop_config = {
+        "config": cfg.to_dict(),
+        "log_dir": f"{run_dir(cfg)}/tensorboard" if local else None,
+        "metrics_file": f"{run_dir(cfg)}/metrics.jsonl" if local else None,
+    }
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "log_dir": log_dir},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=e.num_workers, use_gpu=e.use_gpu, resources_per_worker=resources
         ),
