@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 
 from galaxalign_dist.config import LossConfig
@@ -25,7 +25,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, world = _world()
     if world == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    # Autograd-aware gather (torch 2.15 deprecates torch.distributed.nn.functional.all_gather for this);
+    # backward sends each rank the gradient of its own rows, summed over every rank's loss.
+    return fc.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:

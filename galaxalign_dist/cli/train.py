@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         meta = check(cfg)
         print(
-            f"config and data OK: {meta['counts']}; micro batch {cfg.micro_batch_size}, "
+            f"config and data OK: {{k: v['rows'] for k, v in meta['splits'].items()}}; micro batch {cfg.micro_batch_size}, "
             f"negatives per loss {cfg.negatives_per_loss}"
         )
         return 0

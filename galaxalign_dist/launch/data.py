@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import ray
 import ray.data
 
@@ -40,13 +38,3 @@ def train_dataset(cfg: Config) -> ray.data.Dataset:
     return ds.map_batches(
         make_transform(cfg, train=True), batch_format="numpy", batch_size=cfg.micro_batch_size
     )
-
-
-def rows_per_split(cfg: Config, split: str) -> int:
-    meta = shards.read_metadata(cfg.data.path)
-    counts = meta["counts"].get(split, {})
-    return int(sum(counts.values())) if isinstance(counts, dict) else int(counts)
-
-
-def data_dir(cfg: Config) -> Path:
-    return Path(cfg.data.path)

@@ -51,8 +51,7 @@ def ensure_dataset(cfg: Config) -> dict[str, Any]:
 
 
 def split_rows(meta: dict[str, Any], split: str) -> int:
-    counts = meta["counts"][split]
-    return int(sum(counts.values())) if isinstance(counts, dict) else int(counts)
+    return int(meta["splits"][split]["rows"])
 
 
 def check(cfg: Config) -> dict[str, Any]:
