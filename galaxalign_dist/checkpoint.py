@@ -86,7 +86,9 @@ class LocalReporter:
         self.history.append(dict(metrics))
         if checkpoint_dir is None:
             return
-        dest = self.root / f"checkpoint_{len(self.history):06d}"
+        # Number after what is on disk, not this process's history: a resumed run keeps counting.
+        existing = [int(p.name.split("_")[1]) for p in self.root.glob("checkpoint_??????")]
+        dest = self.root / f"checkpoint_{max(existing, default=0) + 1:06d}"
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)  # merges ranks' files, as Ray does
         if torch.distributed.is_initialized():

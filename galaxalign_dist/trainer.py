@@ -181,7 +181,7 @@ class Trainer:
             )
         elapsed = time.perf_counter() - t_start
         result = self._epoch_metrics(engine, sums, n_batches, samples, elapsed, data_wait, stage, epoch)
-        self._check_finite(result["loss"], epoch_index)
+        self._check_finite(result["loss"], epoch_index + 1)  # 1-based, as in every log line
         is_last = epoch == n_epochs - 1
         every = self.cfg.run.eval_every_epochs
         if self.data.val is not None and (is_last or (every and (epoch + 1) % every == 0)):
@@ -287,7 +287,9 @@ class Trainer:
         log.info("stage %d epoch %d step %d: %s", result["stage"], result["epoch"], self.step, shown)
         if self.metrics_file:
             with open(self.metrics_file, "a") as f:
-                f.write(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}) + "\n")
+                f.write(
+                    json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}) + "\n"
+                )
         if self.writer is not None:
             for k, v in result.items():
                 if isinstance(v, (int, float, np.floating)) and k not in ("stage", "epoch", "epoch_index"):
