@@ -134,15 +134,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         class_tokens=tokenizer(list(meta["captions"])),
     )
     Trainer(
-        cfg, data, RayReporter(), log_dir=loop_config.get("log_dir"), metrics_file=loop_config.get("metrics_file")
+        cfg,
+        data,
+        RayReporter(),
+        log_dir=loop_config.get("log_dir"),
+        metrics_file=loop_config.get("metrics_file"),
     ).fit()
 
 
 # ----------------------------------------------------------------------------- the driver
 
 
-def build_trainer(cfg: Config, callbacks: list[Any] | None = None):  # noqa: ANN201
-    """A TorchTrainer for the run; Tune trials call this too, each with its own run name."""
+def build_trainer(cfg: Config, callbacks: list[Any] | None = None, train_loop=None):  # noqa: ANN001, ANN201
+    """A TorchTrainer for the run; Tune trials call this too, each with its own run name.
+
+    `train_loop` replaces the per-worker function (fault-injection tests wrap the real one).
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -158,7 +165,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None):  # noqa: ANN
         "metrics_file": f"{run_dir(cfg)}/metrics.jsonl" if local else None,
     }
     return TorchTrainer(
-        train_loop_per_worker,
+        train_loop or train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=e.num_workers, use_gpu=e.use_gpu, resources_per_worker=resources
