@@ -11,8 +11,12 @@ HELP = "end-to-end CPU demo on built-in synthetic galaxies: prepare, train both 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="everything the demo writes goes here (default runs/demo)")
-    p.add_argument("--config", default="demo_cpu", help="run config to start from (default: packaged demo_cpu)")
+    p.add_argument(
+        "--out", default="runs/demo", help="everything the demo writes goes here (default runs/demo)"
+    )
+    p.add_argument(
+        "--config", default="demo_cpu", help="run config to start from (default: packaged demo_cpu)"
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
@@ -42,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  tensorboard:  tensorboard --logdir {run_dir(cfg)}/tensorboard")
     print(f"  export:       {model_dir}  (galaxalign_dist.load_model)")
     print(f"  evaluation:   {out / 'eval' / 'metrics.json'}")
-    summary = {k: metrics[k] for k in ("accuracy", "f1_macro", "best_head", "map_at_5", "map", "n_test") if k in metrics}
+    summary = {
+        k: metrics[k]
+        for k in ("accuracy", "f1_macro", "best_head", "map_at_5", "map", "n_test")
+        if k in metrics
+    }
     print(json.dumps(summary, indent=2))
     return 0

@@ -23,9 +23,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.check:
         meta = check(cfg)
+        rows = {split: info["rows"] for split, info in meta["splits"].items()}
         print(
-            f"config and data OK: {{k: v['rows'] for k, v in meta['splits'].items()}}; micro batch {cfg.micro_batch_size}, "
-            f"negatives per loss {cfg.negatives_per_loss}"
+            f"config and data OK: rows {rows}; micro batch {cfg.micro_batch_size}, negatives per loss {cfg.negatives_per_loss}"
         )
         return 0
     result = fit(cfg)
