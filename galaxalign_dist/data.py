@@ -1,0 +1,253 @@
+"""Triplet transform (image bytes, symbol spec, caption -> tensors) and single-process shard streaming; no Ray."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torchvision.transforms.v2.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import InterpolationMode
+
+from galaxalign_dist import shards
+from galaxalign_dist.symbols import render_symbol
+
+log = logging.getLogger(__name__)
+
+# Train crops keep 80-100% of the area. The aspect ratio is fixed at 1: a stretched round galaxy
+# looks like an in-between or cigar one, and axis ratio is exactly what separates those classes.
+CROP_SCALE = (0.8, 1.0)
+TRANSFORM_COLUMNS = ["id", "image", "label", "text", "symbol"]
+
+
+def _row_hash(row_id: Any) -> int:
+    """Stable 63-bit hash of a row id (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(str(row_id).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class TripletTransform:
+    """Batch transform for Ray Data `map_batches(batch_format="numpy")` and `iter_batches`.
+
+    Input: dict of numpy arrays with `image` (encoded bytes), `symbol` (spec), `text`, `label`
+    and `id`. Output: `image`/`symbol` float32 (B, 3, S, S) normalised, `tokens` int64 (B, ctx),
+    `label` int64 (B,), and `id` if keep_ids. Train augmentation (rotation by any angle, flips,
+    mild square crop; symbols drawn with augment=True) draws from a generator seeded by
+    (seed, epoch, row id), so a row's augmentation is reproducible whatever the batching.
+    With epoch=None (the default) each call draws fresh entropy instead: a pipeline that reuses
+    one instance for every epoch (Ray Data map_batches) then still sees new views each epoch,
+    which a fixed epoch would silently repeat. Call set_epoch(e) (iter_batches does) to reproduce.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        train: bool,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
+        std: tuple[float, ...] = OPENAI_DATASET_STD,
+        symbol_size: int | None = None,
+        seed: int = 0,
+        on_bad_image: str = "error",
+        keep_ids: bool = False,
+        epoch: int | None = None,
+    ) -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        self.image_size, self.train, self.tokenizer = image_size, train, tokenizer
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.symbol_size = symbol_size or image_size
+        self.seed, self.epoch, self.on_bad_image, self.keep_ids = seed, epoch, on_bad_image, keep_ids
+        self.n_bad = 0  # rows dropped by this instance (per Ray task/actor; the warnings carry the ids)
+        self._tokens: dict[str, torch.Tensor] = {}  # caption -> tokens: a dataset has few captions
+        self._symbols: dict[str, torch.Tensor] = {}  # eval only: un-augmented symbols per spec
+
+    def set_epoch(self, epoch: int | None) -> None:
+        self.epoch = epoch
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ship the instance to Ray workers without its caches (rebuilt lazily there).
+        return {**self.__dict__, "_tokens": {}, "_symbols": {}}
+
+    def _rng(self, row_id: Any, call_entropy: int) -> np.random.Generator:
+        epoch = self.epoch if self.epoch is not None else call_entropy
+        return np.random.default_rng([self.seed, epoch, _row_hash(row_id)])
+
+    def _image(self, data: bytes, rng: np.random.Generator | None) -> torch.Tensor:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        s = self.image_size
+        if rng is None:  # eval: open_clip's image_transform(is_train=False): shortest side, centre crop
+            img = F.resize(img, s, interpolation=InterpolationMode.BICUBIC, antialias=True)
+            return F.center_crop(img, [s, s])
+        # Galaxies have no preferred orientation: any rotation and either flip is a valid view.
+        img = F.rotate(img, float(rng.uniform(-180.0, 180.0)), interpolation=InterpolationMode.BILINEAR)
+        h, w = img.shape[-2:]
+        side = max(1, round(np.sqrt(rng.uniform(*CROP_SCALE)) * min(h, w)))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        img = F.resized_crop(img, top, left, side, side, [s, s], InterpolationMode.BICUBIC, antialias=True)
+        if rng.random() < 0.5:
+            img = F.horizontal_flip(img)
+        if rng.random() < 0.5:
+            img = F.vertical_flip(img)
+        return img
+
+    def _symbol(self, spec: str, rng: np.random.Generator | None) -> torch.Tensor:
+        if rng is None and spec in self._symbols:
+            return self._symbols[spec]
+        arr = render_symbol(spec, size=self.symbol_size, rng=rng, augment=rng is not None)
+        sym = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        if self.symbol_size != self.image_size:
+            sym = F.resize(
+                sym, [self.image_size] * 2, interpolation=InterpolationMode.BICUBIC, antialias=True
+            )
+        if rng is None:
+            self._symbols[spec] = sym
+        return sym
+
+    def _normalise(self, x: torch.Tensor) -> np.ndarray:
+        """uint8 (B, 3, S, S) -> float32 normalised with the CLIP pre-training mean/std."""
+        x = x.float().div_(255.0)
+        return F.normalize(x, list(self.mean), list(self.std)).numpy()
+
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        new = sorted({t for t in texts if t not in self._tokens})
+        if new:
+            self._tokens.update(zip(new, self.tokenizer(new), strict=True))
+        return torch.stack([self._tokens[t] for t in texts]) if texts else torch.zeros(0, 0, dtype=torch.long)
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["image"])
+        ids = batch["id"] if "id" in batch else None
+        if self.train and ids is None:
+            raise ValueError("TripletTransform(train=True) needs the `id` column to seed augmentation")
+        images, symbols, keep, bad = [], [], [], []
+        call_entropy = secrets.randbits(62) if self.epoch is None else 0
+        for i in range(n):
+            row_id = ids[i] if ids is not None else i
+            rng = self._rng(row_id, call_entropy) if self.train else None
+            try:
+                images.append(self._image(batch["image"][i], rng))
+            except (RuntimeError, ValueError, TypeError) as e:
+                if self.on_bad_image == "error":
+                    raise ValueError(f"row id {row_id}: image does not decode ({e})") from None
+                bad.append(str(row_id))
+                continue
+            symbols.append(self._symbol(str(batch["symbol"][i]), rng))
+            keep.append(i)
+        if bad:
+            self.n_bad += len(bad)
+            log.warning(
+                "skipped %d rows with undecodable images (%d so far here): ids %s", len(bad), self.n_bad, bad
+            )
+        s = self.image_size
+        empty = np.zeros((0, 3, s, s), np.float32)
+        out = {
+            "image": self._normalise(torch.stack(images)) if images else empty,
+            "symbol": self._normalise(torch.stack(symbols)) if symbols else empty.copy(),
+            "tokens": self._tokenize([str(batch["text"][i]) for i in keep]).numpy().astype(np.int64),
+            "label": np.asarray(batch["label"])[keep].astype(np.int64),
+        }
+        if not keep:
+            out["tokens"] = np.zeros((0, self._tokenize(["x"]).shape[1]), np.int64)
+        if self.keep_ids and ids is not None:
+            out["id"] = np.asarray(ids, dtype=object)[keep]
+        return out
+
+
+def to_numpy(table: pa.Table | pa.RecordBatch) -> dict[str, np.ndarray]:
+    """Arrow rows -> the dict of numpy arrays Ray Data's numpy batch format gives (binary/str as object)."""
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _rank_range(total: int, rank: int, world_size: int, drop_last: bool) -> tuple[int, int]:
+    """Contiguous slice of the (shuffled) global row order owned by `rank`."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    if drop_last:  # every rank gets exactly floor(total / world_size) rows: equal batch counts
+        per = total // world_size
+        return rank * per, (rank + 1) * per
+    return rank * total // world_size, (rank + 1) * total // world_size
+
+
+def iter_batches(
+    data_dir: str | Path,
+    split: str,
+    batch_size: int,
+    transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    columns: list[str] | None = None,
+    shuffle_buffer: int = 2048,
+) -> Iterator[dict[str, Any]]:
+    """Stream one split in batches, reading one Parquet row group at a time (bounded memory).
+
+    Ranks own disjoint, contiguous slices of the global row order (which together cover every
+    row; with drop_last all ranks get the same number of full batches). Shuffling permutes the
+    row-group order with (seed, epoch), identically on all ranks, then rows within a buffer of
+    ~shuffle_buffer rows. With a transform, numeric outputs are torch tensors; without one the
+    batch is the raw columns as numpy arrays.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if columns is None and transform is not None:
+        columns = TRANSFORM_COLUMNS
+    if transform is not None and hasattr(transform, "set_epoch"):
+        transform.set_epoch(epoch)
+    groups = [
+        rg for frag in shards.dataset(data_dir, split).get_fragments() for rg in frag.split_by_row_group()
+    ]
+    sizes = [rg.row_groups[0].num_rows for rg in groups]
+    order = (
+        np.random.default_rng([seed, epoch]).permutation(len(groups)) if shuffle else np.arange(len(groups))
+    )
+    start, stop = _rank_range(sum(sizes), rank, world_size, drop_last)
+    local_rng = np.random.default_rng([seed, epoch, rank, 1])
+    buffer: list[pa.Table] = []
+    buffered, offset = 0, 0
+    for g in order:
+        lo, hi = max(start, offset), min(stop, offset + sizes[g])
+        offset += sizes[g]
+        if lo >= hi:
+            continue
+        table = groups[g].to_table(columns=columns).slice(lo - (offset - sizes[g]), hi - lo)
+        buffer.append(table)
+        buffered += table.num_rows
+        if buffered >= (shuffle_buffer if shuffle else batch_size):
+            rows = pa.concat_tables(buffer)
+            if shuffle:
+                rows = rows.take(local_rng.permutation(rows.num_rows))
+            full = rows.num_rows - rows.num_rows % batch_size
+            for b in range(0, full, batch_size):
+                yield _emit(rows.slice(b, batch_size), transform)
+            buffer, buffered = [rows.slice(full)], rows.num_rows - full
+    if buffered:
+        rows = pa.concat_tables(buffer)
+        if shuffle:
+            rows = rows.take(local_rng.permutation(rows.num_rows))
+        for b in range(0, rows.num_rows, batch_size):
+            part = rows.slice(b, batch_size)
+            if part.num_rows == batch_size or not drop_last:
+                yield _emit(part, transform)
+
+
+def _emit(rows: pa.Table, transform: Callable | None) -> dict[str, Any]:
+    batch = to_numpy(rows)
+    if transform is None:
+        return batch
+    out = transform(batch)
+    return {
+        k: torch.from_numpy(v) if isinstance(v, np.ndarray) and v.dtype != object else v
+        for k, v in out.items()
+    }

@@ -1,0 +1,262 @@
+"""Parquet shard format of a prepared dataset: Arrow schema, rotating shard writer, atomic output, readers.
+
+A prepared dataset is a directory::
+
+    OUT/metadata.json               written last: its presence marks the dataset complete
+    OUT/train/part-00000.parquet    one row per galaxy, files rotated at ~128 MB
+    OUT/test/part-00000.parquet
+
+Columns (see docs/data_format.md): ``id`` string, ``image`` binary (encoded PNG for pixel
+arrays, the original JPEG/PNG bytes for image files), ``label`` int32, ``class_name`` string,
+``text`` string (the caption), ``symbol`` string (symbol spec, see schemas.py), plus optional
+extra columns (``ra``, ``dec``, ...). Row groups hold ``row_group_rows`` rows (default 256) so a
+reader streams a dataset in bounded memory. Output is written to ``OUT.tmp-XXXX`` and renamed
+to ``OUT`` only when complete, so a failed or interrupted prepare never leaves a dataset that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from galaxalign_dist.schemas import ClassSchema, GalaxyClass
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "test")
+METADATA_FILE = "metadata.json"
+
+ARROW_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("symbol", pa.string(), nullable=False),
+    ]
+)
+
+# Images are already compressed (PNG/JPEG): compressing them again costs CPU for ~nothing,
+# while the few distinct class_name/text/symbol strings shrink to almost nothing as dictionaries.
+DICTIONARY_COLUMNS = ["class_name", "text", "symbol"]
+DEFAULT_FILE_BYTES = 128 * 2**20
+DEFAULT_ROW_GROUP_ROWS = 256
+
+
+def arrow_schema(extra_fields: list[pa.Field] | None = None) -> pa.Schema:
+    """The shard schema with optional extra columns appended (always nullable)."""
+    schema = ARROW_SCHEMA
+    for f in extra_fields or []:
+        if f.name in schema.names:
+            raise ValueError(f"extra column {f.name!r} clashes with a required column")
+        schema = schema.append(f.with_nullable(True))
+    return schema
+
+
+class ShardWriter:
+    """Writes one split's rows as ``part-NNNNN.parquet`` files of bounded size and row-group length.
+
+    A new file starts when the current one holds ``file_bytes`` of image data or
+    ``rows_per_file`` rows; rows are buffered and flushed as row groups of ``row_group_rows``.
+    """
+
+    def __init__(
+        self,
+        split_dir: Path,
+        schema: pa.Schema = ARROW_SCHEMA,
+        *,
+        rows_per_file: int | None = None,
+        file_bytes: int = DEFAULT_FILE_BYTES,
+        row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+    ) -> None:
+        if row_group_rows < 1 or (rows_per_file is not None and rows_per_file < 1) or file_bytes < 1:
+            raise ValueError("rows_per_file, file_bytes and row_group_rows must be positive")
+        self.split_dir = Path(split_dir)
+        self.schema = schema
+        self.rows_per_file = rows_per_file
+        self.file_bytes = file_bytes
+        self.row_group_rows = row_group_rows
+        self.files: list[Path] = []
+        self.num_rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._file_rows = 0
+        self._file_bytes = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def write(self, table: pa.Table | pa.RecordBatch) -> None:
+        """Append rows (columns in any order; missing extra columns become nulls)."""
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        table = _conform(table, self.schema)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= self.row_group_rows:
+            self._flush(self.row_group_rows)
+
+    def close(self) -> None:
+        """Flush buffered rows and close the current file."""
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self._pending)
+        group, rest = table.slice(0, n), table.slice(n)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        while group.num_rows:
+            # Cut the group where the current file reaches its row cap, so no file exceeds it.
+            writer = self._open()
+            room = group.num_rows
+            if self.rows_per_file is not None:
+                room = min(room, self.rows_per_file - self._file_rows)
+            piece, group = group.slice(0, room), group.slice(room)
+            writer.write_table(piece, row_group_size=piece.num_rows)
+            self.num_rows += piece.num_rows
+            self._file_rows += piece.num_rows
+            piece_bytes = piece.column("image").nbytes
+            self._file_bytes += piece_bytes
+            full_rows = self.rows_per_file is not None and self._file_rows >= self.rows_per_file
+            # Close before the next row group of similar size would take the file past file_bytes.
+            if full_rows or self._file_bytes + piece_bytes > self.file_bytes:
+                writer.close()
+                self._writer = None
+
+    def _open(self) -> pq.ParquetWriter:
+        if self._writer is None:
+            self.split_dir.mkdir(parents=True, exist_ok=True)
+            path = self.split_dir / f"part-{len(self.files):05d}.parquet"
+            dict_cols = [c for c in DICTIONARY_COLUMNS if c in self.schema.names]
+            self._writer = pq.ParquetWriter(
+                path,
+                self.schema,
+                compression={n: ("none" if n == "image" else "zstd") for n in self.schema.names},
+                use_dictionary=dict_cols,
+            )
+            self.files.append(path)
+            self._file_rows = self._file_bytes = 0
+        return self._writer
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Reorder/cast columns to `schema`, filling absent nullable columns with nulls."""
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            cols.append(table.column(f.name).cast(f.type))
+        elif f.nullable:
+            cols.append(pa.nulls(table.num_rows, f.type))
+        else:
+            raise ValueError(f"rows lack required column {f.name!r}")
+    unknown = set(table.column_names) - set(schema.names)
+    if unknown:
+        raise ValueError(f"rows have columns not in the shard schema: {sorted(unknown)}")
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+class OutputExistsError(FileExistsError, ValueError):
+    """The output directory exists; a ValueError too, so the CLI reports it as one line (exit 2)."""
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty output directory unless `overwrite` (checked before any work)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"output directory {out} exists and is not empty (pass --overwrite to replace it)"
+        )
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh ``OUT.tmp-XXXX`` directory; rename it to `out` only if the block succeeds.
+
+    On any exception the temporary directory is removed, so nothing that looks like a complete
+    dataset is left behind; an interrupted process leaves only an ``OUT.tmp-*`` directory.
+    """
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        check_output_dir(out, overwrite)  # something may have appeared while we worked
+        if out.exists():
+            # Move the old directory aside first so `out` is never half old, half new.
+            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "d")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
+    path = Path(directory) / METADATA_FILE
+    path.write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n")
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """Load ``metadata.json`` of a prepared dataset, with a clear error if it is missing or invalid."""
+    directory = Path(directory)
+    path = directory / METADATA_FILE
+    if not directory.is_dir():
+        raise FileNotFoundError(f"dataset directory {directory} does not exist (run `galaxalign prepare`)")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not a prepared dataset: no {METADATA_FILE} (run `galaxalign prepare`; "
+            "a *.tmp-* directory is an unfinished prepare)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    missing = [k for k in ("format_version", "schema", "classes", "splits") if k not in meta]
+    if not isinstance(meta, dict) or missing:
+        raise ValueError(f"{path} is not a galaxalign dataset metadata file (missing {missing})")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format version {meta['format_version']} is newer than this galaxalign_dist "
+            f"supports ({FORMAT_VERSION}); upgrade galaxalign_dist"
+        )
+    return meta
+
+
+def schema_from_metadata(meta: dict[str, Any]) -> ClassSchema:
+    """The ClassSchema a dataset was prepared with (also for generic `--schema auto` datasets)."""
+    classes = tuple(GalaxyClass(c["index"], c["key"], c["name"], c["symbol"]) for c in meta["classes"])
+    return ClassSchema(meta["schema"], classes)
+
+
+def split_files(directory: str | Path, split: str) -> list[str]:
+    """Sorted Parquet files of one split (empty if the split has no rows)."""
+    meta = read_metadata(directory)
+    if split not in meta["splits"]:
+        raise ValueError(f"unknown split {split!r}; dataset {directory} has {sorted(meta['splits'])}")
+    return [str(p) for p in sorted((Path(directory) / split).glob("part-*.parquet"))]
+
+
+def dataset(directory: str | Path, split: str) -> pads.Dataset:
+    """A pyarrow Dataset over one split's shards (nothing is read until scanned)."""
+    files = split_files(directory, split)
+    if not files:
+        return pads.dataset([], schema=ARROW_SCHEMA, format="parquet")
+    return pads.dataset(files, format="parquet")
