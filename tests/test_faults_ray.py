@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,8 @@ def test_worker_death_and_death_during_save_restart_from_last_good_checkpoint(tm
     )
     meta = check(cfg)
     steps_per_epoch = (meta["splits"]["train"]["rows"] // 2) // cfg.micro_batch_size
+    # Workers cannot import this test module: ship the wrapper loop by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         trainer = build_trainer(cfg, train_loop=_faulty_loop)
@@ -91,7 +94,7 @@ def test_worker_death_and_death_during_save_restart_from_last_good_checkpoint(tm
     state = json.loads(Path(result.checkpoint.path, "state.json").read_text())
     assert (state["stage"], state["epoch"], state["step"]) == (2, 2, 4 * steps_per_epoch)
     # No registered checkpoint is corrupt: each has its state and both ranks' shards, and exports.
-    ckpts = sorted(Path(run_dir(cfg)).glob("checkpoint_*"))
+    ckpts = sorted(p for p in Path(run_dir(cfg)).glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 4
     for ckpt in ckpts:
         assert (ckpt / "state.json").exists()
