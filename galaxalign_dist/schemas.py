@@ -88,7 +88,9 @@ class ClassSchema:
         if isinstance(label, (int,)) or (isinstance(label, str) and label.strip().isdigit()):
             i = int(label)
             if not 0 <= i < self.num_classes:
-                raise ValueError(f"label {i} out of range for schema {self.name!r} (0..{self.num_classes - 1})")
+                raise ValueError(
+                    f"label {i} out of range for schema {self.name!r} (0..{self.num_classes - 1})"
+                )
             return self.classes[i]
         wanted = str(label).strip().lower().replace("-", " ").replace("_", " ")
         for c in self.classes:
