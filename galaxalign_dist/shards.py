@@ -260,3 +260,55 @@ def dataset(directory: str | Path, split: str) -> pads.Dataset:
     if not files:
         return pads.dataset([], schema=ARROW_SCHEMA, format="parquet")
     return pads.dataset(files, format="parquet")
+
+
+def write_subset(
+    src: str | Path, dst: str | Path, split: str, fraction: float, seed: int = 0
+) -> dict[str, Any]:
+    """A copy of dataset `src` whose `split` keeps a stratified `fraction` of rows (other splits whole).
+
+    Per class, the rows kept are those with the smallest seeded hash of their id, so a smaller
+    fraction is always a subset of a larger one and the choice does not depend on file order.
+    Only the id and label columns are held in memory; rows stream from file to file.
+    """
+    import hashlib
+    import math
+
+    import numpy as np
+    import pyarrow.compute as pc
+
+    meta = read_metadata(src)
+    table = dataset(src, split).to_table(columns=["id", "label"])
+    ids = table.column("id").to_pylist()
+    labels = table.column("label").to_numpy()
+    keys = np.array(
+        [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") for i in ids]
+    )
+    keep: set[str] = set()
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        n = max(1, math.ceil(fraction * len(rows)))  # every class keeps at least one example
+        keep.update(ids[r] for r in rows[np.argsort(keys[rows], kind="stable")[:n]])
+    wanted = pa.array(sorted(keep), pa.string())
+    with atomic_output_dir(Path(dst)) as tmp:
+        for name in meta["splits"]:
+            writer = ShardWriter(tmp / name, dataset(src, name).schema)
+            for batch in dataset(src, name).to_batches():
+                writer.write(batch.filter(pc.is_in(batch.column("id"), wanted)) if name == split else batch)
+            writer.close()
+        files = sorted((tmp / split).glob("part-*.parquet"))  # no metadata.json yet: read the files
+        counts = pads.dataset(files, format="parquet").to_table(columns=["label"]).column("label").to_numpy()
+        sub = dict(meta)
+        sub["splits"] = {**meta["splits"]}
+        keys_by_index = {c["index"]: c["key"] for c in meta["classes"]}
+        sub["splits"][split] = {
+            "rows": int(len(counts)),
+            "files": [p.name for p in files],
+            "per_class": {
+                keys_by_index[int(k)]: int(v)
+                for k, v in zip(*np.unique(counts, return_counts=True), strict=True)
+            },
+        }
+        sub["subset_of"] = {"source": str(src), "split": split, "fraction": fraction, "seed": seed}
+        write_metadata(tmp, sub)
+    return sub
