@@ -18,3 +18,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def single_rank_group():
+    """One gloo rank in the test process for in-process DeepSpeed runs.
+
+    Session-wide: DeepSpeed caches the process group it first sees, so a group destroyed and
+    re-created by another test module would leave it holding a dead one.
+    """
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

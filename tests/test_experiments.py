@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 
-from conftest import free_port
 from galaxalign_dist import config
 from galaxalign_dist.checkpoint import LocalReporter
 from galaxalign_dist.launch.experiments import _variant_config, variants
@@ -28,16 +24,6 @@ def test_variant_configs():
     assert v["scratch"].model.pretrained == "none"
     assert v["class_aware"].loss.targets == "class_aware" and v["galaxalign"].loss.targets == "diagonal"
     assert {c.run.name for c in v.values()} == set(v)  # separate runs, never resumed into each other
-
-
-@pytest.fixture(scope="module")
-def single_rank_group():
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
-    )
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _nan_symbol_data(cfg) -> TrainData:

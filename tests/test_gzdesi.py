@@ -35,7 +35,7 @@ def row(**answers: tuple[float, ...]) -> dict[str, float]:
     for q, names in gzdesi.QUESTIONS.items():
         values = answers.get(q.replace("-", "_"), (NAN,) * len(names))
         assert len(values) == len(names), q
-        out.update({f"{q}_{a}_fraction": v for a, v in zip(names, values)})
+        out.update({f"{q}_{a}_fraction": v for a, v in zip(names, values, strict=True)})
     return out
 
 

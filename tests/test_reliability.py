@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from conftest import free_port
 from galaxalign_dist import checkpoint, config
 from galaxalign_dist.checkpoint import LocalReporter, UnsafeCheckpointError
 from galaxalign_dist.trainer import NonFiniteLossError, TrainData, Trainer
 
 N, B = 48, 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_rank_group():
-    """DeepSpeed needs a process group: one gloo rank in this process."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
-    )
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("single_rank_group")  # one DeepSpeed process group (conftest)
 
 
 def _cfg(**overrides):
