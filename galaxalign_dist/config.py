@@ -254,6 +254,20 @@ def list_packaged() -> list[str]:
     return sorted(p.stem for p in root.glob("*.yaml"))
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; errors name the file (shared by configs and search spaces)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return data
+
+
 def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Load YAML (a file path or a packaged config name), apply `--set` overrides, validate."""
     data: dict[str, Any] = {}
@@ -261,14 +275,7 @@ def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] |
         p = Path(path)
         if not p.exists() and not p.suffix:
             p = packaged_config(str(path))
-        if not p.exists():
-            raise FileNotFoundError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        data = read_yaml_mapping(p)
     if overrides:
         pairs = dict(parse_override(o) for o in overrides) if isinstance(overrides, list) else overrides
         data = apply_overrides(data, pairs)

@@ -334,7 +334,8 @@ def map_batch(
     types = [pa.int32(), pa.string(), pa.string(), pa.string(), pa.bool_(), pa.string()]
     names = ["label", "class_name", "text", "symbol", "keep", "reason"]
     return {
-        name: pa.array([r[i] for r in rows], t).take(idx) for i, (name, t) in enumerate(zip(names, types))
+        name: pa.array([r[i] for r in rows], t).take(idx)
+        for i, (name, t) in enumerate(zip(names, types, strict=True))
     }
 
 

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 PASSTHROUGH_FORMATS = {"JPEG", "PNG", "WEBP"}
 MAX_LISTED_SKIPS = 1000  # metadata lists the first skipped rows; the count is always exact
 MAPPING_KEYS = {"id_column", "path_column", "label_column", "split_column", "class_names", "class_symbols"}
+# Options of the gzdesi: form only (see gzdesi_prepare.prepare_gzdesi).
+GZDESI_KEYS = set("gz_schema caption_mode symbol_mode on_uncertain rows_per_shard workers use_ray".split())
 
 
 def parse_mapping(text: str | dict[str, str] | None, option: str) -> dict[str, str] | None:
@@ -200,7 +202,20 @@ def prepare(
     `n` caps the number of rows (synthetic: how many to draw); `size` is the synthetic image size.
     `mapping` holds catalogue/folder options: id_column, path_column, label_column, split_column,
     class_names and class_symbols ('key=value,...' strings or dicts, for schema 'auto').
+    `gzdesi:CATALOGUE.parquet` goes to gzdesi_prepare.prepare_gzdesi (resumable; GZDESI_KEYS options).
     """
+    if source.lower().startswith("gzdesi:"):
+        # 8.7M rows take hours: resumable per-shard output, not one temporary directory (docs/gzdesi_scale.md).
+        from galaxalign_dist.gzdesi_prepare import prepare_gzdesi
+
+        return prepare_gzdesi(
+            source.partition(":")[2], out, image_root=image_root, schema=schema, n=n, seed=seed,
+            test_fraction=test_fraction, skip_bad=skip_bad, row_group_rows=row_group_rows,
+            overwrite=overwrite, progress=progress, size=size, rows_per_file=rows_per_file, **mapping,
+        )  # fmt: skip
+    gz_only = sorted(k for k in GZDESI_KEYS if mapping.pop(k, None) is not None)
+    if gz_only:
+        raise ValueError(f"options {gz_only} apply to gzdesi: sources only")
     unknown = set(mapping) - MAPPING_KEYS
     if unknown:
         raise ValueError(f"unknown prepare options {sorted(unknown)}; known: {sorted(MAPPING_KEYS)}")

@@ -52,6 +52,7 @@ class SourceOptions:
     class_names: dict[str, str] | None = None  # --schema auto: class key -> human-readable name
     class_symbols: dict[str, str] | None = None  # --schema auto: class key -> symbol spec
     chunk_rows: int = CHUNK_ROWS
+    gzdesi_mapping: Any = None  # gzdesi: a gzdesi.GZDesiMapping (schema, thresholds, caption/symbol modes)
 
 
 @dataclass
@@ -397,13 +398,21 @@ class SyntheticSource(Source):
             yield Chunk(origin=self.description, rows=rows, ids=ids, labels=np.asarray(labels), images=images)
 
 
-# SOURCE form -> reader factory. Adding a form is one line here (e.g. "gzdesi": gzdesi.source).
+def gzdesi_source(arg: str, opts: SourceOptions) -> Source:
+    """`gzdesi:CATALOGUE.parquet`: Galaxy Zoo DESI vote fractions (prepare() converts it resumably)."""
+    from galaxalign_dist.gzdesi_prepare import GZDesiSource  # late: gzdesi_prepare imports this module
+
+    return GZDesiSource(arg, opts)
+
+
+# SOURCE form -> reader factory. Adding a form is one line here.
 SOURCES: dict[str, Callable[[str, SourceOptions], Source]] = {
     "galaxy10": galaxy10_source,
     "galaxymnist": galaxymnist_source,
     "catalog": CatalogSource,
     "folder": FolderSource,
     "synthetic": SyntheticSource,
+    "gzdesi": gzdesi_source,
 }
 
 

@@ -12,14 +12,18 @@ SOURCE_HELP = """SOURCE is one of:
   galaxymnist:FILE.hdf5[.gz]    one GalaxyMNIST file (hash split)
   catalog:FILE.parquet|csv      table with id, image path and label columns (images under --image-root)
   folder:DIR                    one sub-folder per class, optionally under train/ and test/
-  synthetic:galaxymnist|galaxy10  procedurally drawn galaxies (--n, --seed, --size)"""
+  synthetic:galaxymnist|galaxy10  procedurally drawn galaxies (--n, --seed, --size)
+  gzdesi:CATALOGUE.parquet      Galaxy Zoo DESI vote fractions, images {brickid}/{brickid}_{objid}.jpg
+                                under --image-root (or a file_loc column); resumable: rerun to continue"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = SOURCE_HELP
     p.add_argument("source", metavar="SOURCE", help="FORM:PATH, see below")
-    p.add_argument("--out", required=True, help="output dataset directory (written atomically)")
+    p.add_argument(
+        "--out", required=True, help="output dataset directory (written atomically; gzdesi: resumable)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     p.add_argument(
         "--image-root", help="catalog: directory image paths are relative to (default: the catalogue's)"
@@ -58,6 +62,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--file-mb", type=float, default=128, help="start a new file after this many MB of images")
     s.add_argument("--row-group-rows", type=int, default=256, help="rows per Parquet row group")
+    z = p.add_argument_group("Galaxy Zoo DESI (gzdesi:, see docs/gzdesi.md and docs/gzdesi_scale.md)")
+    z.add_argument("--gz-schema", choices=["galaxy10", "galaxymnist"], help="default galaxy10")
+    z.add_argument("--caption-mode", choices=["class", "rich"], help="class (default) or rich")
+    z.add_argument("--symbol-mode", choices=["class", "rich"], help="class (default) or rich")
+    z.add_argument(
+        "--on-uncertain",
+        choices=["exclude", "label"],
+        help="galaxies fitting no class: drop (default) or keep as label -1",
+    )
+    z.add_argument("--rows-per-shard", type=int, help="catalogue rows per shard (default 10000)")
+    z.add_argument("--workers", type=int, help="shards converted at once (Ray tasks if Ray is installed)")
+    z.add_argument("--ray", action="store_true", help="shards as Ray tasks (RAY_ADDRESS=auto: a cluster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -85,8 +101,17 @@ def run(args: argparse.Namespace) -> int:
         split_column=args.split_column,
         class_names=args.class_names,
         class_symbols=args.class_symbols,
+        gz_schema=args.gz_schema,
+        caption_mode=args.caption_mode,
+        symbol_mode=args.symbol_mode,
+        on_uncertain=args.on_uncertain,
+        rows_per_shard=args.rows_per_shard,
+        workers=args.workers,
+        use_ray=args.ray or None,
     )
     splits = ", ".join(f"{s} {m['rows']}" for s, m in meta["splits"].items())
     skipped = f", skipped {meta['skipped']['count']}" if meta["skipped"]["count"] else ""
+    if "gzdesi" in meta:  # galaxies that fit no class (by reason in metadata.json and the log)
+        skipped += f", excluded {meta['gzdesi']['excluded_count']}"
     print(f"wrote {args.out}: {meta['num_rows']} rows ({splits}{skipped}), schema {meta['schema']}")
     return 0
