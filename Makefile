@@ -45,9 +45,6 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/eval_scale.py
-	$(BIN)/python benchmarks/zero_memory.py
-	$(BIN)/python benchmarks/data_throughput.py
-	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/catalog_scale.py
 
 clean:
