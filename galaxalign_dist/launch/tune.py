@@ -223,14 +223,7 @@ def _apply_sets(raw: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
 def load_spec(path: str | Path, sets: list[str] | dict[str, Any] | None = None) -> SearchSpec:
     """Read and validate a search-space YAML (plus `--set` pairs); nothing starts, every problem names its key."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"search-space file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
+    raw = config_mod.read_yaml_mapping(p, "search-space file")
     if sets:
         pairs = dict(config_mod.parse_override(s) for s in sets) if isinstance(sets, list) else sets
         raw = _apply_sets(raw, pairs)
