@@ -262,7 +262,9 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)  # where the parser gave up, 0-based
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
     return data

@@ -231,7 +231,7 @@ def iter_batches(
         offset += sizes[g]
         if lo >= hi:
             continue
-        table = groups[g].to_table(columns=columns).slice(lo - (offset - sizes[g]), hi - lo)
+        table = _read_group(groups[g], columns).slice(lo - (offset - sizes[g]), hi - lo)
         buffer.append(table)
         buffered += table.num_rows
         if buffered >= (shuffle_buffer if shuffle else batch_size):
@@ -250,6 +250,14 @@ def iter_batches(
             part = rows.slice(b, batch_size)
             if part.num_rows == batch_size or not drop_last:
                 yield _emit(part, transform)
+
+
+def _read_group(group: Any, columns: list[str] | None) -> pa.Table:
+    """One row group of a shard; a damaged file fails naming it (Arrow's own message may not)."""
+    try:
+        return group.to_table(columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{group.path}: damaged Parquet shard, cannot read its rows ({e})") from None
 
 
 def _emit(rows: pa.Table, transform: Callable | None) -> dict[str, Any]:

@@ -254,6 +254,35 @@ def split_files(directory: str | Path, split: str) -> list[str]:
     return [str(p) for p in sorted((Path(directory) / split).glob("part-*.parquet"))]
 
 
+def check_split_files(directory: str | Path, split: str) -> int:
+    """Open every Parquet footer of a split (no row data): the files metadata.json lists must exist,
+    be Parquet, hold the required columns and add up to its row count. Returns the rows; ValueError
+    naming the file otherwise. Cheap enough to run before a cluster is started for a training run."""
+    meta = read_metadata(directory)
+    info = meta["splits"].get(split)
+    if info is None:
+        raise ValueError(f"unknown split {split!r}; dataset {directory} has {sorted(meta['splits'])}")
+    rows = 0
+    listed = info.get("files")  # written by every prepare; older/hand-made metadata: what is on disk
+    names = listed if listed is not None else [Path(f).name for f in split_files(directory, split)]
+    for path in (Path(directory) / split / n for n in names):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: shard listed in {METADATA_FILE} is missing")
+        try:
+            footer = pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: not a readable Parquet shard ({e})") from None
+        missing = [c for c in ARROW_SCHEMA.names if c not in footer.schema.names]
+        if missing:
+            raise ValueError(f"{path}: shard lacks required columns {missing}")
+        rows += footer.num_rows
+    if rows != info["rows"]:
+        raise ValueError(
+            f"{Path(directory) / split}: shards hold {rows} rows, {METADATA_FILE} says {info['rows']}"
+        )
+    return rows
+
+
 def dataset(directory: str | Path, split: str) -> pads.Dataset:
     """A pyarrow Dataset over one split's shards (nothing is read until scanned)."""
     files = split_files(directory, split)

@@ -7,7 +7,7 @@ import torch
 
 from galaxalign_dist import config
 from galaxalign_dist.checkpoint import LocalReporter
-from galaxalign_dist.launch.experiments import _variant_config, variants
+from galaxalign_dist.launch.experiments import _variant_config, run_identity, variants
 from galaxalign_dist.trainer import TrainData, Trainer
 
 
@@ -24,6 +24,15 @@ def test_variant_configs():
     assert v["scratch"].model.pretrained == "none"
     assert v["class_aware"].loss.targets == "class_aware" and v["galaxalign"].loss.targets == "diagonal"
     assert {c.run.name for c in v.values()} == set(v)  # separate runs, never resumed into each other
+    # demo_cpu already trains from random init: Scratch is the same run as GalaxAlign, so ablate reports it
+    # once; with pretrained weights it is a different run.
+    identity = {name: run_identity(c) for name, c in v.items()}
+    assert identity["scratch"] == identity["galaxalign"]
+    assert len(set(identity.values())) == len(identity) - 1
+    tagged = config.load("demo_cpu", {"model.pretrained": "/weights/tiny.pt"})
+    assert run_identity(_variant_config(tagged, "scratch", variants(tagged)["scratch"][1], "/tmp/x")) != (
+        run_identity(_variant_config(tagged, "galaxalign", {}, "/tmp/x"))
+    )
 
 
 def _nan_symbol_data(cfg) -> TrainData:

@@ -57,7 +57,11 @@ def _history(cfg) -> list[dict]:
 def test_zero3_two_workers_shards_towers_and_loss_decreases(ray_local, synthetic_data, tmp_path):
     from galaxalign_dist.launch.train import fit, run_dir
 
-    cfg = _cfg(synthetic_data, tmp_path, **{"engine.zero_stage": 3, "stages.stage1_epochs": 3, "stages.stage2_epochs": 1})
+    cfg = _cfg(
+        synthetic_data,
+        tmp_path,
+        **{"engine.zero_stage": 3, "stages.stage1_epochs": 3, "stages.stage2_epochs": 1},
+    )
     result = fit(cfg)
     hist = _history(cfg)
     assert [(h["stage"], h["epoch"]) for h in hist] == [(1, 1), (1, 2), (1, 3), (2, 1)]
@@ -68,7 +72,17 @@ def test_zero3_two_workers_shards_towers_and_loss_decreases(ray_local, synthetic
         assert 0.45 <= hist[0][f"shard_fraction_{tower}"] <= 0.56
     assert 0.45 <= hist[-1]["shard_fraction_symbol"] <= 0.56
     # Per-epoch metrics the issue asks for.
-    for key in ("loss_image_text", "loss_symbol_text", "temperature", "lr_image", "lr_text", "samples_per_s", "data_wait_s", "val_f1", "val_map"):
+    for key in (
+        "loss_image_text",
+        "loss_symbol_text",
+        "temperature",
+        "lr_image",
+        "lr_text",
+        "samples_per_s",
+        "data_wait_s",
+        "val_f1",
+        "val_map",
+    ):
         assert key in hist[0], key
     assert "loss_image_symbol" in hist[-1] and "lr_symbol" in hist[-1]
     # Checkpoint: one directory holding both ranks' ZeRO-3 shards plus the run state.

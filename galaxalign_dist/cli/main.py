@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (UserError, FileNotFoundError, ValueError) as e:
-        # Input problems (bad config key, missing file, bad row) are the user's to fix: one line.
-        print(f"galaxalign {args.command}: error: {e}", file=sys.stderr)
+        # Input problems (bad config key, missing file, bad row) are the user's to fix: one line,
+        # even when a library's message spans several (YAML marks, torch's state_dict report).
+        message = " ".join(str(e).split())
+        print(f"galaxalign {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -30,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     image = Path(args.image)
     if not image.is_file():
         raise FileNotFoundError(f"query image not found: {image}")
+    if not Path(args.index).is_dir():
+        raise FileNotFoundError(
+            f"index directory {args.index} does not exist (build it with `galaxalign index`)"
+        )
     source_path = Path(args.index) / SOURCE_FILE
     source = json.loads(source_path.read_text()) if source_path.exists() else {}
     model_dir = args.model or source.get("model")
@@ -47,9 +51,18 @@ def run(args: argparse.Namespace) -> int:
         "text": np.array([""], dtype=object),
         "symbol": np.array(["round"], dtype=object),
     }
+    try:
+        pixels = transform(row)["image"]
+    except ValueError as e:  # the transform names the row ("query"); the user knows the file
+        raise ValueError(f"query image {image}: {str(e).removeprefix('row id query: ')}") from None
     with torch.no_grad():
-        query = model.encode_image(torch.as_tensor(transform(row)["image"])).numpy()
+        query = model.encode_image(torch.as_tensor(pixels)).numpy()
     index = load_index(args.index)
+    if query.shape[1] != index.dim:
+        raise ValueError(
+            f"index {args.index} holds {index.dim}-d embeddings but model {model_dir} makes "
+            f"{query.shape[1]}-d ones; search with the model the index was built with (--model)"
+        )
     scores, pos = search_arrays(index, query, k=args.k)
     hits = [(str(index.ids[p]), float(s)) for p, s in zip(pos[0], scores[0], strict=True) if p >= 0]
     print(f"{'rank':>4}  {'score':>7}  id")

@@ -37,6 +37,15 @@ def run(args: argparse.Namespace) -> int:
             if "images" not in z or "labels" not in z:
                 raise ValueError(f"{args.real}: needs arrays 'images' and 'labels', has {sorted(z.files)}")
             real = (z["images"], z["labels"])
+        images, labels = real
+        if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[3] == 3)):
+            raise ValueError(
+                f"{args.real}: 'images' must be uint8 (N, H, W, 3) or (N, H, W), not {images.dtype} {images.shape}"
+            )
+        if labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"{args.real}: 'labels' has shape {labels.shape}, expected ({len(images)},) as 'images'"
+            )
     synthetic_sheet(schema, args.out, per_class=args.per_class, size=args.size, seed=args.seed, real=real)
     print(f"wrote {args.out} ({schema.num_classes} classes x {args.per_class} images)")
     return 0

@@ -39,6 +39,12 @@ def _variant_config(cfg: Config, name: str, overrides: dict[str, Any], out: Path
     return config_mod.from_dict(data)
 
 
+def run_identity(cfg: Config) -> str:
+    """Everything that decides what a run trains (the config less its name): equal identity, equal run."""
+    data = cfg.to_dict()
+    return json.dumps({**data, "run": {**data["run"], "name": ""}}, sort_keys=True)
+
+
 def _train_export_eval(cfg: Config, out: Path, eval_data: str | None = None) -> dict[str, Any]:
     from galaxalign_dist.evaluate import evaluate_model
     from galaxalign_dist.export import export
@@ -66,21 +72,36 @@ def _write_table(rows: list[dict[str, Any]], out: Path, stem: str, title: str) -
 def ablate(cfg: Config, out: str | Path, names: list[str] | None = None) -> list[dict[str, Any]]:
     """Train, export and evaluate each variant; writes ablation.csv/.md and each variant's config."""
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     table = variants(cfg)
     unknown = set(names or []) - set(table)
     if unknown:
         raise ValueError(f"unknown ablation variants {sorted(unknown)}; known: {', '.join(table)}")
-    configs = {n: _variant_config(cfg, n, table[n][1], out) for n in names or table}  # all checked first
+    from galaxalign_dist.launch.train import check
+
+    configs = {n: _variant_config(cfg, n, table[n][1], out) for n in names or table}
+    for vcfg in configs.values():
+        check(vcfg)  # every variant's config, model and dataset, before anything is written or trained
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
+    trained: dict[str, tuple[str, dict[str, Any]]] = {}  # config without its name -> (variant, metrics)
     for name, vcfg in configs.items():
         vcfg.save(out / f"{name}.yaml")
-        log.info("ablation %s: %s", name, table[name][0])
-        m = _train_export_eval(vcfg, out)
+        key = run_identity(vcfg)
+        if key in trained:
+            # e.g. Scratch when the config already trains from random init: same config, same seed, so
+            # the same run; reported, not retrained.
+            same, m = trained[key]
+            log.info("ablation %s: identical config to %s; not retrained", name, same)
+            what = f"{table[name][0]} (= {same}: identical config)"
+        else:
+            log.info("ablation %s: %s", name, table[name][0])
+            m = _train_export_eval(vcfg, out)
+            trained[key] = (name, m)
+            what = table[name][0]
         rows.append(
             {
                 "variant": name,
-                "what": table[name][0],
+                "what": what,
                 "accuracy": m["accuracy"],
                 "f1_macro": m["f1_macro"],
                 "best_head": m["best_head"],

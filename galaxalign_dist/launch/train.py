@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ def run_dir(cfg: Config) -> str:
     return f"{storage_root(cfg).rstrip('/')}/{cfg.run.name}"
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """The config with local relative paths made absolute: Ray workers do not run in the driver's cwd."""
+    data = cfg.to_dict()
+    for section, key in (("data", "path"), ("run", "out_dir")):
+        value = data[section][key]
+        if value and "://" not in value:
+            data[section][key] = str(Path(value).resolve())
+    return config_mod.from_dict(data)
+
+
 def ensure_dataset(cfg: Config) -> dict[str, Any]:
     """Prepare the dataset if asked and absent; validate it. Runs in the driver, before any worker."""
     path = Path(cfg.data.path)
@@ -40,6 +51,7 @@ def ensure_dataset(cfg: Config) -> dict[str, Any]:
     for split in (cfg.data.train_split, cfg.data.val_split):
         if not shards.split_files(path, split):
             raise FileNotFoundError(f"data.path: {path} has no '{split}' split (see its metadata.json)")
+        shards.check_split_files(path, split)  # a truncated/missing shard fails here, not in a worker
     n_train = split_rows(meta, cfg.data.train_split)
     per_rank = n_train // cfg.engine.num_workers
     if per_rank < cfg.micro_batch_size:
@@ -156,6 +168,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, train_loop=No
     from galaxalign_dist.launch.data import quiet_data_context, train_dataset
 
     quiet_data_context()
+    cfg = absolute_paths(cfg)
     e = cfg.engine
     resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if e.use_gpu else {})}
     local = "://" not in run_dir(cfg)  # event files and metrics.jsonl need a local/NFS run dir
@@ -183,24 +196,50 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, train_loop=No
     )
 
 
+# Forwarded to every worker: no hub lookups on offline machines that set HF_HUB_OFFLINE, one shared
+# DeepSpeed op cache, the accelerator DeepSpeed should use.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_ray() -> None:
-    """Connect to a running cluster (RAY_ADDRESS, as `ray job submit` sets) or start a local one."""
+    """Connect to RAY_ADDRESS (as `ray job submit` sets) or start a local Ray; tell actors its State API.
+
+    Why the State API address: when a run is stopped early (an ASHA-stopped trial, a failed driver), Train V2
+    frees its placement group from a detached cleaner actor that asks the State API whether the controller
+    is alive. Inside actors that API finds "the" cluster from RAY_API_SERVER_ADDRESS / RAY_ADDRESS, else by
+    scanning the machine; with no address and more than one Ray on the host it fails, the placement group is
+    never freed and its CPUs/GPUs stay reserved (seen here: later Tune trials then wait forever).
+    """
     import ray
 
     if ray.is_initialized():
-        return
-    # Workers inherit these: no hub lookups for offline machines that set HF_HUB_OFFLINE, and the
-    # DeepSpeed CPU op cache stays shared between runs.
-    env = {
-        k: os.environ[k]
-        for k in ("HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
-        if k in os.environ
-    }
-    ray.init(
-        address=os.environ.get("RAY_ADDRESS"),
-        runtime_env={"env_vars": env} if env else None,
-        log_to_driver=True,
-    )
+        return  # the caller's Ray (tests, notebooks): its runtime_env is already fixed
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    address = os.environ.get("RAY_ADDRESS")
+    api = os.environ.get("RAY_API_SERVER_ADDRESS")
+    port = None
+    if not api and address:
+        try:
+            from ray.dashboard.utils import get_address_for_submission_client
+
+            api = get_address_for_submission_client(address)  # the cluster's dashboard, via its GCS
+        except Exception as e:  # noqa: BLE001 - best effort; training itself does not need it
+            log.warning(
+                "cannot resolve the dashboard of %s (%s); a stopped run may hold resources", address, e
+            )
+    elif not api:
+        port = _free_port()  # not the default 8265, which another Ray on this host may hold
+        api = f"http://127.0.0.1:{port}"
+    if api:
+        env["RAY_API_SERVER_ADDRESS"] = api
+    kwargs: dict[str, Any] = {"dashboard_port": port, "include_dashboard": True} if port else {}
+    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, **kwargs)
 
 
 def fit(cfg: Config):  # noqa: ANN201
