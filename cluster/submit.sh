@@ -46,27 +46,53 @@ echo "  follow logs:  ${ray_bin} job logs --address ${address} --follow ${job_id
 echo "  status:       ${ray_bin} job status --address ${address} ${job_id}"
 echo "  stop:         ${ray_bin} job stop --address ${address} ${job_id}"
 
-wait_flag=()
+submit() {
+  "$ray_bin" job submit \
+    --address "$address" \
+    --submission-id "$job_id" \
+    --working-dir . \
+    --runtime-env cluster/runtime_env.yaml \
+    --no-wait \
+    -- galaxalign "$command" --config "$config" "$@"
+}
+
+# Submit without waiting, retrying while the head is still starting its job agent ("No available agent")
+# or unreachable for a moment; the fixed submission id makes a retry safe ("already exists" = submitted).
+for attempt in 1 2 3 4 5 6; do
+  if out=$(submit "$@" 2>&1); then
+    break
+  fi
+  if grep -q "already exists" <<<"$out"; then
+    break
+  fi
+  if [[ $attempt -lt 6 ]] && grep -qiE "No available agent|Connection refused|Failed to connect|Max retries exceeded" <<<"$out"; then
+    echo "job API not ready (attempt ${attempt}); retrying in 5 s" >&2
+    sleep 5
+    continue
+  fi
+  echo "$out" >&2
+  echo "submitting ${job_id} failed" >&2
+  exit 1
+done
 if [[ "${SUBMIT_NO_WAIT:-0}" == "1" ]]; then
-  wait_flag=(--no-wait)
+  echo "submitted ${job_id}"
+  exit 0
 fi
 
-set +e
-# Ctrl-C stops following the logs, not the job: it keeps running on the cluster (stop it with the command above).
-"$ray_bin" job submit \
-  --address "$address" \
-  --submission-id "$job_id" \
-  --working-dir . \
-  --runtime-env cluster/runtime_env.yaml \
-  "${wait_flag[@]}" \
-  -- galaxalign "$command" --config "$config" "$@"
-status=$?
-set -e
-if [[ ${#wait_flag[@]} -eq 0 ]]; then
-  if [[ $status -eq 0 ]]; then
-    echo "job ${job_id} succeeded"
-  else
-    echo "job ${job_id} did not succeed (exit ${status}); logs: ${ray_bin} job logs --address ${address} ${job_id}" >&2
-  fi
+# Stream the logs until the job ends. Ctrl-C stops following, not the job: it keeps running on the cluster.
+"$ray_bin" job logs --address "$address" --follow "$job_id" || true
+status=""
+for _ in $(seq 60); do
+  # `ray job status` ends with "Job '<id>' succeeded|failed|was stopped" for a finished job (its logger
+  # may write to stderr); a running one prints "Status for job ...: RUNNING".
+  status=$("$ray_bin" job status --address "$address" "$job_id" 2>&1 |
+    grep -oE "Job '${job_id}' (succeeded|failed|was stopped)" | tail -1 | awk '{print toupper($NF)}' || true)
+  [[ -n "$status" ]] && break
+  sleep 2
+done
+if [[ "$status" == "SUCCEEDED" ]]; then
+  echo "job ${job_id} succeeded"
+  exit 0
 fi
-exit "$status"
+echo "job ${job_id} did not succeed (${status:-status unknown}); logs: ${ray_bin} job logs --address ${address} ${job_id}" >&2
+exit 1
