@@ -203,7 +203,9 @@ def prepare(
     `mapping` holds catalogue/folder options: id_column, path_column, label_column, split_column,
     class_names and class_symbols ('key=value,...' strings or dicts, for schema 'auto').
     `gzdesi:CATALOGUE.parquet` goes to gzdesi_prepare.prepare_gzdesi (resumable; GZDESI_KEYS options).
+    `out` is a local (or shared-filesystem) directory; a URI is refused (prepare locally, then copy).
     """
+    shards.check_local_output(out)  # before Path(): it would fold s3://b/x into the local s3:/b/x
     if source.lower().startswith("gzdesi:"):
         # 8.7M rows take hours: resumable per-shard output, not one temporary directory (docs/gzdesi_scale.md).
         from galaxalign_dist.gzdesi_prepare import prepare_gzdesi

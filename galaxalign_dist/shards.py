@@ -13,6 +13,10 @@ extra columns (``ra``, ``dec``, ...). Row groups hold ``row_group_rows`` rows (d
 reader streams a dataset in bounded memory. Output is written to ``OUT.tmp-XXXX`` and renamed
 to ``OUT`` only when complete, so a failed or interrupted prepare never leaves a dataset that
 looks complete.
+
+Readers (read_metadata, split_files, check_split_files, dataset) take a local path or a URI that
+pyarrow opens (``s3://``, ``gs://``, ``file://``, ...: ``pyarrow.fs.FileSystem.from_uri``, credentials
+from the environment); writers take local paths only (prepare locally, then copy to object storage).
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from galaxalign_dist.schemas import ClassSchema, GalaxyClass
@@ -214,20 +222,83 @@ def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
     path.write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n")
 
 
+# ----------------------------------------------------------------------------- local paths and URIs
+
+
+def is_uri(path: str | Path) -> bool:
+    """Whether `path` is a URI (``s3://``, ``gs://``, ``file://``, ...) rather than a local path."""
+    return "://" in str(path)
+
+
+def check_local_output(out: str | Path) -> None:
+    """Writers need a local (or shared-filesystem) directory: refuse a URI with what to do instead."""
+    if is_uri(out):
+        raise ValueError(
+            f"cannot write a dataset to {out}: prepare writes a local or shared-filesystem directory, not "
+            "object storage; prepare locally, copy the directory (e.g. `aws s3 sync DIR s3://bucket/prefix`, "
+            "`gcloud storage rsync -r DIR gs://bucket/prefix`) and set data.path to the URI"
+        )
+
+
+def _fs_and_path(directory: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem holding `directory` and its path inside it.
+
+    A URI goes through ``pyarrow.fs.FileSystem.from_uri`` (credentials and region from the environment,
+    as pyarrow and Ray resolve them); anything else is a local path on the LocalFileSystem.
+    """
+    if not is_uri(directory):
+        return pafs.LocalFileSystem(), str(Path(directory))
+    try:
+        fs, path = pafs.FileSystem.from_uri(str(directory))
+    except (pa.ArrowException, ValueError) as e:
+        raise ValueError(f"{directory}: not a URI pyarrow can open ({e})") from None
+    return fs, path.rstrip("/") or path
+
+
+def _join(path: str, *parts: str) -> str:
+    """`parts` below a filesystem path (pyarrow paths always use '/')."""
+    return "/".join([path.rstrip("/"), *parts])
+
+
+def _shown(directory: str | Path, *parts: str) -> str:
+    """How messages and split_files name a path below `directory`: a local path as pathlib writes it,
+    a URI with `parts` appended to its path (its query, e.g. ``?region=...``, kept)."""
+    if not is_uri(directory):
+        return str(Path(directory, *parts))
+    u = urlsplit(str(directory))
+    return urlunsplit(u._replace(path=_join(u.path, *parts)))
+
+
+def _basename(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def is_prepared(directory: str | Path) -> bool:
+    """Whether `directory` (a local path or URI) holds a ``metadata.json``, i.e. a finished prepare."""
+    fs, root = _fs_and_path(directory)
+    return fs.get_file_info(_join(root, METADATA_FILE)).type != pafs.FileType.NotFound
+
+
 def read_metadata(directory: str | Path) -> dict[str, Any]:
     """Load ``metadata.json`` of a prepared dataset, with a clear error if it is missing or invalid."""
-    directory = Path(directory)
-    path = directory / METADATA_FILE
-    if not directory.is_dir():
-        raise FileNotFoundError(f"dataset directory {directory} does not exist (run `galaxalign prepare`)")
-    if not path.is_file():
+    fs, root = _fs_and_path(directory)
+    path = _shown(directory, METADATA_FILE)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        hint = "prepare it locally and copy it there" if is_uri(directory) else "run `galaxalign prepare`"
+        raise FileNotFoundError(f"dataset directory {_shown(directory)} does not exist ({hint})")
+    if fs.get_file_info(_join(root, METADATA_FILE)).type != pafs.FileType.File:
         raise FileNotFoundError(
-            f"{directory} is not a prepared dataset: no {METADATA_FILE} (run `galaxalign prepare`; "
+            f"{_shown(directory)} is not a prepared dataset: no {METADATA_FILE} (run `galaxalign prepare`; "
             "a *.tmp-* directory is an unfinished prepare)"
         )
+    with fs.open_input_stream(_join(root, METADATA_FILE)) as f:
+        raw = f.read()
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     missing = [k for k in ("format_version", "schema", "classes", "splits") if k not in meta]
     if not isinstance(meta, dict) or missing:
@@ -246,49 +317,68 @@ def schema_from_metadata(meta: dict[str, Any]) -> ClassSchema:
     return ClassSchema(meta["schema"], classes)
 
 
-def split_files(directory: str | Path, split: str) -> list[str]:
-    """Sorted Parquet files of one split (empty if the split has no rows)."""
+def split_paths(directory: str | Path, split: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem holding a dataset and one split's Parquet files as sorted paths inside it
+    (empty if the split has no rows): what pyarrow.dataset and ray.data.read_parquet take together."""
     meta = read_metadata(directory)
     if split not in meta["splits"]:
         raise ValueError(f"unknown split {split!r}; dataset {directory} has {sorted(meta['splits'])}")
-    return [str(p) for p in sorted((Path(directory) / split).glob("part-*.parquet"))]
+    fs, root = _fs_and_path(directory)
+    found = fs.get_file_info(pafs.FileSelector(_join(root, split), allow_not_found=True))
+    paths = [
+        i.path for i in found if i.type == pafs.FileType.File and fnmatchcase(i.base_name, "part-*.parquet")
+    ]
+    return fs, sorted(paths, key=_basename)
+
+
+def split_files(directory: str | Path, split: str) -> list[str]:
+    """Sorted Parquet files of one split (empty if the split has no rows): local paths, or URIs below
+    a URI `directory`."""
+    _, paths = split_paths(directory, split)
+    return [_shown(directory, split, _basename(p)) for p in paths]
 
 
 def check_split_files(directory: str | Path, split: str) -> int:
     """Open every Parquet footer of a split (no row data): the files metadata.json lists must exist,
     be Parquet, hold the required columns and add up to its row count. Returns the rows; ValueError
-    naming the file otherwise. Cheap enough to run before a cluster is started for a training run."""
+    naming the file otherwise. Cheap enough to run before a cluster is started for a training run
+    (footers are read a few at a time, which hides object-storage latency)."""
     meta = read_metadata(directory)
     info = meta["splits"].get(split)
     if info is None:
         raise ValueError(f"unknown split {split!r}; dataset {directory} has {sorted(meta['splits'])}")
-    rows = 0
     listed = info.get("files")  # written by every prepare; older/hand-made metadata: what is on disk
-    names = listed if listed is not None else [Path(f).name for f in split_files(directory, split)]
-    for path in (Path(directory) / split / n for n in names):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: shard listed in {METADATA_FILE} is missing")
+    names = listed if listed is not None else [_basename(p) for p in split_paths(directory, split)[1]]
+    fs, root = _fs_and_path(directory)
+
+    def footer_rows(name: str) -> int:
+        path, shown = _join(root, split, name), _shown(directory, split, name)
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise FileNotFoundError(f"{shown}: shard listed in {METADATA_FILE} is missing")
         try:
-            footer = pq.read_metadata(path)
+            footer = pq.read_metadata(path, filesystem=fs)
         except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{path}: not a readable Parquet shard ({e})") from None
+            raise ValueError(f"{shown}: not a readable Parquet shard ({e})") from None
         missing = [c for c in ARROW_SCHEMA.names if c not in footer.schema.names]
         if missing:
-            raise ValueError(f"{path}: shard lacks required columns {missing}")
-        rows += footer.num_rows
+            raise ValueError(f"{shown}: shard lacks required columns {missing}")
+        return footer.num_rows
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(names)))) as pool:
+        rows = sum(pool.map(footer_rows, names))  # the first bad file in listed order raises
     if rows != info["rows"]:
         raise ValueError(
-            f"{Path(directory) / split}: shards hold {rows} rows, {METADATA_FILE} says {info['rows']}"
+            f"{_shown(directory, split)}: shards hold {rows} rows, {METADATA_FILE} says {info['rows']}"
         )
     return rows
 
 
 def dataset(directory: str | Path, split: str) -> pads.Dataset:
     """A pyarrow Dataset over one split's shards (nothing is read until scanned)."""
-    files = split_files(directory, split)
-    if not files:
+    fs, paths = split_paths(directory, split)
+    if not paths:
         return pads.dataset([], schema=ARROW_SCHEMA, format="parquet")
-    return pads.dataset(files, format="parquet")
+    return pads.dataset(paths, filesystem=fs, format="parquet")
 
 
 def write_subset(
@@ -298,7 +388,8 @@ def write_subset(
 
     Per class, the rows kept are those with the smallest seeded hash of their id, so a smaller
     fraction is always a subset of a larger one and the choice does not depend on file order.
-    Only the id and label columns are held in memory; rows stream from file to file.
+    Only the id and label columns are held in memory; rows stream from file to file. `src` may be a
+    URI (see read_metadata); `dst` is a local directory.
     """
     import hashlib
     import math
@@ -306,6 +397,7 @@ def write_subset(
     import numpy as np
     import pyarrow.compute as pc
 
+    check_local_output(dst)
     meta = read_metadata(src)
     table = dataset(src, split).to_table(columns=["id", "label"])
     ids = table.column("id").to_pylist()

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     out = build_index(emb, ids, args.out, factory=args.factory, labels=labels)
     source = {
         "model": str(Path(args.model).resolve()),
-        "data": str(Path(args.data).resolve()),
+        "data": args.data if shards.is_uri(args.data) else str(Path(args.data).resolve()),
         "splits": splits,
     }
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=2))

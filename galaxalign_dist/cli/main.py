@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args._run(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as e:
-        # Input problems (bad config key, missing file, bad row) are the user's to fix: one line,
-        # even when a library's message spans several (YAML marks, torch's state_dict report).
+    except (UserError, OSError, ValueError) as e:
+        # Input problems (bad config key, missing file, bad row, a bucket we may not read) are the
+        # user's to fix: one line, even when a library's message spans several (YAML marks, torch's
+        # state_dict report).
         message = " ".join(str(e).split())
         print(f"galaxalign {args.command}: error: {message}", file=sys.stderr)
         return 2

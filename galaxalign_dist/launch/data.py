@@ -32,8 +32,11 @@ def make_transform(cfg: Config, train: bool) -> TripletTransform:
 
 def train_dataset(cfg: Config) -> ray.data.Dataset:
     """Streamed, never materialised: read tasks and transform tasks run while workers train."""
-    files = shards.split_files(cfg.data.path, cfg.data.train_split)
-    ds = ray.data.read_parquet(files, columns=COLUMNS, shuffle="files")  # new file order every epoch
+    # The filesystem shards.py resolved (local, or from an s3:// / gs:// URI with its query options)
+    # travels with the paths, so read tasks on every node open the files the same way.
+    # shuffle="files": a new file order every epoch.
+    fs, files = shards.split_paths(cfg.data.path, cfg.data.train_split)
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=COLUMNS, shuffle="files")
     # Transform in Ray Data tasks (not on the training worker) so decode/augment overlaps compute.
     return ds.map_batches(
         make_transform(cfg, train=True), batch_format="numpy", batch_size=cfg.micro_batch_size

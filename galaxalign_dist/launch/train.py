@@ -41,8 +41,9 @@ def absolute_paths(cfg: Config) -> Config:
 
 def ensure_dataset(cfg: Config) -> dict[str, Any]:
     """Prepare the dataset if asked and absent; validate it. Runs in the driver, before any worker."""
-    path = Path(cfg.data.path)
-    if not (path / shards.METADATA_FILE).exists() and cfg.data.prepare_source:
+    # A URI (s3://, gs://, ...) stays a string: shards reads it through pyarrow's filesystems.
+    path = cfg.data.path if shards.is_uri(cfg.data.path) else Path(cfg.data.path)
+    if not shards.is_prepared(path) and cfg.data.prepare_source:  # prepare() refuses a URI
         from galaxalign_dist.prepare import prepare
 
         log.info("preparing %s into %s", cfg.data.prepare_source, path)
