@@ -43,7 +43,12 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The CPU benchmarks, one after another (each prints its figures and a last `name: value` line).
+# benchmarks/gpu_train.py needs an NVIDIA GPU and is run by hand there.
 bench: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/zero_memory.py
 	$(BIN)/python benchmarks/eval_scale.py
 	$(BIN)/python benchmarks/catalog_scale.py
 

@@ -1,0 +1,422 @@
+"""Triplets/s the Ray Data pipeline delivers to a Ray Train worker vs raw PIL decode, plus where the time goes."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common  # noqa: E402  (sets HF_HUB_OFFLINE / DS_ACCELERATOR before torch imports)
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from galaxalign_dist import config as config_mod  # noqa: E402
+from galaxalign_dist import shards  # noqa: E402
+from galaxalign_dist.config import Config  # noqa: E402
+
+FILES_VARIANT_ROWS = 64  # rows per Parquet file in the 'files' variant
+
+# dataset kind -> (model whose image size the transform targets, rows in the prepared dataset)
+SETTINGS = {"64": ("tiny", 4000), "256": ("vit-b-16-random", 2000)}
+
+
+def make_config(data_path: Path, model: str, batch: int, cpus_per_worker: float) -> Config:
+    return config_mod.load(
+        "demo_cpu",
+        {
+            "data.path": str(data_path),
+            "model.name": model,
+            "data.batch_size": batch,
+            "engine.num_workers": 1,
+            "engine.cpus_per_worker": cpus_per_worker,
+        },
+    )
+
+
+def image_bytes(data_path: Path, limit: int | None = None) -> list[bytes]:
+    """The encoded train images, read into memory once (the raw-decode baseline reads no Parquet)."""
+    col = pq.read_table(shards.split_files(data_path, "train"), columns=["image"]).column("image")
+    out = col.to_pylist()
+    return out[:limit] if limit else out
+
+
+def raw_decode_rate(blobs: list[bytes]) -> tuple[float, float]:
+    """(rows/s wall, ms CPU per row) of PIL decode to an RGB array in a tight single-process loop."""
+    from PIL import Image
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    for b in blobs:
+        np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+    # CPU time as well as wall time: on a shared host wall time swings with other tenants' load.
+    return len(blobs) / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / len(blobs)
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def operator_summary(stats: str) -> dict[str, dict[str, float]]:
+    """Per Ray Data operator: tasks, blocks and total remote CPU seconds, parsed from DataIterator.stats()."""
+    out: dict[str, dict[str, float]] = {}
+    name = None
+    for line in stats.splitlines():
+        m = re.match(r"Operator \d+ (.+?): (\d+) tasks executed, (\d+) blocks produced", line)
+        if m:
+            name = m.group(1)
+            out[name] = {"tasks": float(m.group(2)), "blocks": float(m.group(3)), "cpu_s": 0.0, "rows": 0.0}
+            continue
+        if name is None:
+            continue
+        m = re.match(r"\* Remote cpu time: .*?([0-9.]+)(us|ms|s) total", line.strip())
+        if m:
+            out[name]["cpu_s"] = float(m.group(1)) * _UNITS[m.group(2)]
+        m2 = re.match(r"\* Output num rows per block: .*?([0-9.]+) total", line.strip())
+        if m2:
+            out[name]["rows"] = float(m2.group(1))
+    return out
+
+
+# ----------------------------------------------------------------------------- Ray Data -> Ray Train worker
+
+
+def consumer_worker(loop_config: dict[str, Any]) -> None:
+    """A Ray Train worker that only consumes batches, exactly as train_loop_per_worker asks for them.
+
+    Self-contained (no `_common` import): Ray ships this function by value to the worker process.
+    """
+    import tempfile
+    import time
+
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    mb, shuffle, epochs = loop_config["micro_batch"], loop_config["shuffle"], loop_config["epochs"]
+    out = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        first, rows = None, 0
+        for batch in shard.iter_torch_batches(
+            batch_size=mb, drop_last=True, local_shuffle_buffer_size=shuffle
+        ):
+            if first is None:
+                first = time.perf_counter() - t0  # Ray Data's per-epoch start-up (plan, tasks, first block)
+            rows += int(batch["image"].shape[0])
+        out.append({"rows": rows, "wall_s": time.perf_counter() - t0, "first_batch_s": first or 0.0})
+    # Ray Train V2 keeps only metrics that come with a checkpoint: attach an empty one.
+    ckpt = ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="bench-ckpt-"))
+    ray.train.report({"epochs": out, "stats": shard.stats()[-6000:]}, checkpoint=ckpt)
+
+
+def build_dataset(cfg: Config, variant: str):  # noqa: ANN201
+    """The product's train_dataset(cfg), or a variant of it that tests a recommendation."""
+    import ray.data
+
+    from galaxalign_dist.launch.data import COLUMNS, make_transform, train_dataset
+
+    if variant in ("default", "files"):
+        # 'files': the product's pipeline on the same rows written as many small files (prepare's
+        # rows_per_file): one read task and one transform task per file, so transforms run in parallel.
+        return train_dataset(cfg)
+    files = shards.split_files(cfg.data.path, cfg.data.train_split)
+    if variant == "blocks":
+        # Ask for many read blocks (Ray may not split a Parquet file below one block per file).
+        n_blocks = max(16, 8 * (os.cpu_count() or 1))
+        ds = ray.data.read_parquet(files, columns=COLUMNS, shuffle="files", override_num_blocks=n_blocks)
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return ds.map_batches(
+        make_transform(cfg, train=True), batch_format="numpy", batch_size=cfg.micro_batch_size
+    )
+
+
+def pipeline_run(
+    cfg: Config, epochs: int, storage: str, tag: str, variant: str = "default"
+) -> dict[str, Any]:
+    """One TorchTrainer (1 worker) over the real train_dataset(cfg): Parquet -> TripletTransform -> batches."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from galaxalign_dist.launch.data import quiet_data_context
+
+    quiet_data_context()
+    shuffle = cfg.data.shuffle_buffer if cfg.data.augment else None
+    trainer = TorchTrainer(
+        consumer_worker,
+        train_loop_config={"micro_batch": cfg.micro_batch_size, "shuffle": shuffle, "epochs": epochs},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1, use_gpu=False, resources_per_worker={"CPU": cfg.engine.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="gloo"),
+        datasets={"train": build_dataset(cfg, variant)},
+        run_config=ray.train.RunConfig(name=tag, storage_path=storage),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return dict(result.metrics)
+
+
+def describe_run(m: dict[str, Any]) -> tuple[float, float, str]:
+    """(steady triplets/s, first-epoch triplets/s, one line per epoch) of a pipeline_run result."""
+    ep = m["epochs"]
+    # Steady state: epochs after the first (which carries one-off start-up); whole epoch wall time, so each
+    # epoch's own start-up (time to the first batch) counts, as it does in training.
+    steady = ep[1:] or ep
+    rate = sum(e["rows"] for e in steady) / sum(e["wall_s"] for e in steady)
+    detail = "; ".join(
+        f"epoch {i}: {e['rows']} rows in {e['wall_s']:.1f} s, first batch after {e['first_batch_s']:.1f} s"
+        for i, e in enumerate(ep)
+    )
+    return rate, ep[0]["rows"] / ep[0]["wall_s"], detail
+
+
+def print_operators(stats: str, indent: str = "    ") -> dict[str, dict[str, float]]:
+    ops = operator_summary(stats)
+    for name, o in ops.items():
+        per_row = f", {1e3 * o['cpu_s'] / o['rows']:.2f} ms CPU/row" if o["rows"] else ""
+        print(
+            f"{indent}{name}: {o['tasks']:.0f} tasks, {o['blocks']:.0f} blocks, {o['rows']:.0f} rows, "
+            f"{o['cpu_s']:.2f} s CPU{per_row}"
+        )
+    for line in stats.splitlines():
+        if "iterator initialization" in line or "waiting for the first batch" in line or "blocked by" in line:
+            print(f"{indent}{line.strip()}")
+    return ops
+
+
+# ----------------------------------------------------------------------------- where the time goes
+
+
+def profile_transform(cfg: Config, blobs: list[bytes], specs: list[str], n: int) -> dict[str, float]:
+    """CPU ms per row of each piece of TripletTransform(train=True), in this process (one thread).
+
+    Thread CPU time, not wall time: on a shared host wall time measures the other tenants too.
+    """
+    clock = time.thread_time
+    import torch
+    import torchvision.transforms.v2.functional as F
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms import InterpolationMode
+
+    from galaxalign_dist.launch.data import make_transform
+    from galaxalign_dist.symbols import render_symbol
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a 1-CPU Ray Data task (Ray sets OMP_NUM_THREADS=1)
+    t = make_transform(cfg, train=True)
+    s = t.image_size
+    acc = dict.fromkeys(("decode", "rotate", "resized_crop", "flips", "symbol_render"), 0.0)
+    rng = np.random.default_rng(0)
+    n = min(n, len(blobs))
+    for i in range(n):
+        t0 = clock()
+        img = decode_image(torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        t1 = clock()
+        img = F.rotate(img, float(rng.uniform(-180, 180)), interpolation=InterpolationMode.BILINEAR)
+        t2 = clock()
+        h = img.shape[-1]
+        side = round(np.sqrt(rng.uniform(0.8, 1.0)) * h)
+        img = F.resized_crop(img, 0, 0, side, side, [s, s], InterpolationMode.BICUBIC, antialias=True)
+        t3 = clock()
+        img = F.vertical_flip(F.horizontal_flip(img))
+        t4 = clock()
+        render_symbol(specs[i % len(specs)], size=t.symbol_size, rng=rng, augment=True)
+        t5 = clock()
+        for k, dt in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            acc[k] += dt
+    out = {k: 1e3 * v / n for k, v in acc.items()}
+    # The whole transform on batches of one micro batch (as map_batches calls it), incl. normalise/tokens.
+    batch_rows = cfg.micro_batch_size
+    raw = {
+        "id": np.array([f"r{i}" for i in range(n)], dtype=object),
+        "image": np.array(blobs[:n], dtype=object),
+        "label": np.zeros(n, np.int64),
+        "text": np.array(["A picture of a round smooth galaxy"] * n, dtype=object),
+        "symbol": np.array([specs[i % len(specs)] for i in range(n)], dtype=object),
+    }
+    t({k: v[:1] for k, v in raw.items()})  # warm the caption -> tokens cache, as a long run has it
+    t0 = clock()
+    for b in range(0, n, batch_rows):
+        t({k: v[b : b + batch_rows] for k, v in raw.items()})
+    out["whole_train_transform"] = 1e3 * (clock() - t0) / n
+    ev = make_transform(cfg, train=False)
+    ev({k: v[:1] for k, v in raw.items()})
+    t0 = clock()
+    for b in range(0, n, batch_rows):
+        ev({k: v[b : b + batch_rows] for k, v in raw.items()})
+    out["whole_eval_transform"] = 1e3 * (clock() - t0) / n
+    out["normalise_tokens_other"] = out["whole_train_transform"] - sum(acc[k] for k in acc) * 1e3 / n
+    torch.set_num_threads(threads)
+    return out
+
+
+def train_step_rate(model: str, batch: int, warmup: int, steps: int) -> float:
+    """samples/s of a plain train step with no data wait (benchmarks/overhead.py's plain loop)."""
+    import overhead
+
+    cfg = overhead.make_config(model, batch, zero_stage=2, stage=1)
+    batches = overhead.make_batches(cfg, n_batches=min(2, warmup + steps))
+    step_s = overhead.run_plain(cfg, batches, warmup + steps, stage=1)[warmup:]
+    return batch * len(step_s) / sum(step_s)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main(argv: list[str] | None = None) -> float:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small dataset, 1 round, no train-step timing")
+    ap.add_argument(
+        "--sizes", default="64,256", help="dataset kinds: 64 (tiny, 64 px), 256 (ViT-B-16, 224 px)"
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved (raw decode, pipeline) pairs")
+    ap.add_argument(
+        "--epochs", type=int, default=2, help="epochs per pipeline run (the 1st has one-off start-up)"
+    )
+    ap.add_argument("--batch", type=int, default=32, help="micro batch the worker asks for")
+    ap.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=0.5,
+        help="Ray CPUs held by the consumer worker (the demo's 0.5); the rest go to Ray Data tasks",
+    )
+    ap.add_argument(
+        "--variants", default="files", help="extra pipeline variants, run once per size ('' = none)"
+    )
+    ap.add_argument("--variant-sizes", default="256", help="dataset kinds the variants run on")
+    ap.add_argument("--profile-rows", type=int, default=100)
+    ap.add_argument("--train-steps", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--tiny-batch", type=int, default=32)
+    ap.add_argument("--vit-batch", type=int, default=8)
+    args = ap.parse_args(argv)
+    rows_override = None
+    if args.quick:
+        args.sizes, args.rounds, args.epochs, args.profile_rows = "64", 1, 1, 20
+        args.train_steps, args.variants, rows_override = False, "", 600
+
+    common.print_machine()
+    from galaxalign_dist.launch.train import init_ray
+
+    t_total = time.perf_counter()
+    init_ray()
+    storage = tempfile.mkdtemp(prefix="galaxalign-bench-ray-")
+    results: dict[str, dict[str, Any]] = {}
+    for kind in args.sizes.split(","):
+        model, rows = SETTINGS[kind]
+        data_path = common.dataset(kind, rows_override or rows)
+        cfg = make_config(data_path, model, args.batch, args.cpus_per_worker)
+        meta = shards.read_metadata(data_path)
+        files = shards.split_files(data_path, "train")
+        n_groups = sum(pq.ParquetFile(f).num_row_groups for f in files)
+        blobs = image_bytes(data_path)
+        print(
+            f"\n{kind} px data -> TripletTransform(train) at {_size(cfg)} px ({model}): "
+            f"{meta['splits']['train']['rows']} train rows in {len(files)} file(s), {n_groups} row groups, "
+            f"mean image {np.mean([len(b) for b in blobs]) / 1e3:.1f} kB; micro batch {cfg.micro_batch_size}, "
+            f"shuffle buffer {cfg.data.shuffle_buffer}, consumer worker CPUs {cfg.engine.cpus_per_worker}",
+            flush=True,
+        )
+        r: dict[str, Any] = {
+            "raw": [],
+            "raw_cpu_ms": [],
+            "pipe": [],
+            "epoch1": [],
+            "first": [],
+            "variants": {},
+        }
+        t_kind = time.perf_counter()
+        ops: dict[str, dict[str, float]] = {}
+        for i in range(args.rounds):
+            # Interleaved raw, pipeline, raw, pipeline: machine noise hits both sides alike.
+            rate, cpu_ms = raw_decode_rate(blobs)
+            r["raw"].append(rate)
+            r["raw_cpu_ms"].append(cpu_ms)
+            print(f"  round {i} raw PIL decode: {rate:.1f} rows/s ({cpu_ms:.2f} ms CPU/row)", flush=True)
+            m = pipeline_run(cfg, args.epochs, storage, f"data-{kind}-{i}")
+            steady, first_epoch, detail = describe_run(m)
+            r["pipe"].append(steady)
+            r["epoch1"].append(first_epoch)
+            r["first"].extend(e["first_batch_s"] for e in (m["epochs"][1:] or m["epochs"]))
+            print(f"  round {i} pipeline: {steady:.1f} triplets/s ({detail})", flush=True)
+            ops = print_operators(m.get("stats", ""))
+        r["ops"] = ops
+        variants = [v for v in args.variants.split(",") if v and kind in args.variant_sizes.split(",")]
+        for variant in variants:
+            vcfg = cfg
+            if variant == "files":
+                small = common.dataset(kind, rows_override or rows, rows_per_file=FILES_VARIANT_ROWS)
+                vcfg = make_config(small, model, args.batch, args.cpus_per_worker)
+            m = pipeline_run(vcfg, args.epochs, storage, f"data-{kind}-{variant}", variant=variant)
+            steady, first_epoch, detail = describe_run(m)
+            r["variants"][variant] = steady
+            print(f"  variant '{variant}' pipeline: {steady:.1f} triplets/s ({detail})", flush=True)
+            print_operators(m.get("stats", ""))
+        prof = profile_transform(cfg, blobs, list(meta["symbols"]), args.profile_rows)
+        r["prof"] = prof
+        print(f"  transform CPU cost in this process, ms per row, 1 thread ({args.profile_rows} rows):")
+        for k, v in prof.items():
+            print(f"    {k:<24}{v:8.2f}")
+        if args.train_steps:
+            vit = model != "tiny"
+            batch = args.vit_batch if vit else args.tiny_batch
+            r["train"] = train_step_rate(model, batch, warmup=1 if vit else 3, steps=1 if vit else 15)
+            print(
+                f"  train step (plain loop, no data wait) {model} batch {batch}: {r['train']:.2f} samples/s",
+                flush=True,
+            )
+        print(f"  {kind} px time: {time.perf_counter() - t_kind:.0f} s", flush=True)
+        results[kind] = r
+
+    print(
+        f"\n{'data':<8}{'raw decode rows/s':>24}{'pipeline triplets/s':>24}{'ratio':>7}{'1st epoch/s':>12}"
+        f"{'1st batch s':>12}{'raw ms CPU':>11}{'pipe ms CPU':>12}{'CPU ratio':>10}{'train/s':>9}"
+    )
+    for kind, r in results.items():
+        ratio = common.ratio(r["pipe"], r["raw"])
+        # Contention-robust view: CPU per row of the pipeline's read + transform tasks vs raw decode.
+        pipe_cpu = sum(o["cpu_s"] for o in r["ops"].values())
+        pipe_rows = max((o["rows"] for o in r["ops"].values()), default=0)
+        pipe_ms = 1e3 * pipe_cpu / pipe_rows if pipe_rows else float("nan")
+        raw_ms = common.median(r["raw_cpu_ms"])
+        train = f"{r['train']:.2f}" if "train" in r else "n/a"
+        print(
+            f"{kind + ' px':<8}{common.spread(r['raw']):>24}{common.spread(r['pipe']):>24}{ratio:>7.3f}"
+            f"{common.median(r['epoch1']):>12.1f}{common.median(r['first']):>12.2f}{raw_ms:>11.2f}"
+            f"{pipe_ms:>12.2f}{raw_ms / pipe_ms:>10.3f}{train:>9}"
+        )
+        for variant, rate in r["variants"].items():
+            print(
+                f"  variant '{variant}': {rate:.1f} triplets/s = {rate / common.median(r['raw']):.3f} of raw decode"
+            )
+        if "train" in r:
+            need = r["train"] / common.median(r["pipe"])
+            verdict = "data IS the bottleneck" if need > 1 else "data keeps up"
+            print(
+                f"  {kind} px: train step consumes {r['train']:.2f} samples/s, pipeline delivers "
+                f"{common.median(r['pipe']):.1f} triplets/s -> {verdict} (train/pipeline = {need:.2f}; each "
+                "measured with the host to itself: in a real run they share the same cores)"
+            )
+    print(f"total time: {time.perf_counter() - t_total:.0f} s; load average at end: {common.load_average()}")
+    headline = "256" if "256" in results else next(iter(results))
+    value = common.ratio(results[headline]["pipe"], results[headline]["raw"])
+    print(
+        f"headline: {headline} px data (pipeline triplets/s over raw PIL decode rows/s, medians, wall clock)"
+    )
+    common.summary("data_ratio", value)
+    return value
+
+
+def _size(cfg: Config) -> int:
+    from galaxalign_dist.model import image_size
+
+    return image_size(cfg.model)
+
+
+if __name__ == "__main__":
+    main()
