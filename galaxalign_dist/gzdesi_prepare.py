@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -604,27 +603,19 @@ def _metadata(src: GZDesiSource, job: ShardJob, manifests: list[dict[str, Any]])
     n_skipped = sum(m["skipped"]["count"] for m in manifests)
     size = [int(v) for v in next(iter(sizes)).split("x")] if len(sizes) == 1 else None
     return {
-        "format_version": shards.FORMAT_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": f"gzdesi:{src.path}",
-        "source_description": src.description,
-        "schema": schema.name,
-        "classes": [
-            {"index": c.index, "key": c.key, "name": c.name, "caption": c.caption, "symbol": c.symbol}
-            for c in schema.classes
-        ],
-        "class_names": schema.class_names,
-        "captions": schema.captions,
-        "symbols": [c.symbol for c in schema.classes],
-        "columns": shards.arrow_schema(src.extra_fields).names,
-        "image_size": size,
-        "image_formats": formats,
-        "split_method": f"hash(seed={job.seed}, test_fraction={job.test_fraction})",
-        "seed": job.seed,
-        "test_fraction": job.test_fraction,
-        "num_rows": sum(s["rows"] for s in splits.values()),
-        "splits": splits,
-        "skipped": {"count": n_skipped, "rows": skipped_rows, "listed": len(skipped_rows)},
+        **shards.dataset_metadata(
+            schema,
+            source=f"gzdesi:{src.path}",
+            source_description=src.description,
+            columns=shards.arrow_schema(src.extra_fields).names,
+            image_size=size,
+            image_formats=formats,
+            split_method=f"hash(seed={job.seed}, test_fraction={job.test_fraction})",
+            seed=job.seed,
+            test_fraction=job.test_fraction,
+            splits=splits,
+            skipped={"count": n_skipped, "rows": skipped_rows, "listed": len(skipped_rows)},
+        ),
         "gzdesi": {
             "mapping": dataclasses.asdict(job.mapping),
             "rows_in": job.total,

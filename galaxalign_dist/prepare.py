@@ -8,7 +8,6 @@ import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -317,29 +316,19 @@ def _metadata(
 ) -> dict[str, Any]:
     schema = src.schema
     sizes = list(prep.sizes)
-    return {
-        "format_version": shards.FORMAT_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source,
-        "source_description": src.description,
-        "schema": schema.name,
-        "classes": [
-            {"index": c.index, "key": c.key, "name": c.name, "caption": c.caption, "symbol": c.symbol}
-            for c in schema.classes
-        ],
-        "class_names": schema.class_names,
-        "captions": schema.captions,
-        "symbols": [c.symbol for c in schema.classes],
-        "columns": schema_arrow.names,
-        "image_size": list(sizes[0]) if len(sizes) == 1 else None,  # [H, W]; None if sizes vary
-        "image_formats": dict(prep.formats),
-        "split_method": "published"
+    return shards.dataset_metadata(
+        schema,
+        source=source,
+        source_description=src.description,
+        columns=schema_arrow.names,
+        image_size=list(sizes[0]) if len(sizes) == 1 else None,
+        image_formats=dict(prep.formats),
+        split_method="published"
         if src.published_split
         else f"hash(seed={seed}, test_fraction={test_fraction})",
-        "seed": seed,
-        "test_fraction": test_fraction,
-        "num_rows": sum(w.num_rows for w in writers.values()),
-        "splits": {
+        seed=seed,
+        test_fraction=test_fraction,
+        splits={
             s: {
                 "rows": w.num_rows,
                 "files": [p.name for p in w.files],
@@ -347,5 +336,5 @@ def _metadata(
             }
             for s, w in writers.items()
         },
-        "skipped": {"count": prep.n_skipped, "rows": prep.skipped, "listed": len(prep.skipped)},
-    }
+        skipped={"count": prep.n_skipped, "rows": prep.skipped, "listed": len(prep.skipped)},
+    )

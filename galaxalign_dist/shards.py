@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,46 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def dataset_metadata(
+    schema: ClassSchema,
+    *,
+    source: str,
+    source_description: str,
+    columns: list[str],
+    image_size: list[int] | None,
+    image_formats: dict[str, int],
+    split_method: str,
+    seed: int,
+    test_fraction: float,
+    splits: dict[str, dict[str, Any]],
+    skipped: dict[str, Any],
+) -> dict[str, Any]:
+    """The common keys of metadata.json (docs/data_format.md), for every writer of prepared datasets."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "source_description": source_description,
+        "schema": schema.name,
+        "classes": [
+            {"index": c.index, "key": c.key, "name": c.name, "caption": c.caption, "symbol": c.symbol}
+            for c in schema.classes
+        ],
+        "class_names": schema.class_names,
+        "captions": schema.captions,
+        "symbols": [c.symbol for c in schema.classes],
+        "columns": columns,
+        "image_size": image_size,  # [H, W]; None if sizes vary
+        "image_formats": image_formats,
+        "split_method": split_method,
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "num_rows": sum(s["rows"] for s in splits.values()),
+        "splits": splits,
+        "skipped": skipped,
+    }
 
 
 def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
