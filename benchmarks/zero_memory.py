@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402  (sets HF_HUB_OFFLINE / DS_ACCELERATOR before torch imports)
 import torch  # noqa: E402
 
+from galaxalign_dist.launch.train import free_port  # noqa: E402
+
 CATEGORIES = ("params", "master", "grads", "optim", "buffers", "other")
 COUNTED = ("params", "master", "grads", "optim")  # model states; comm buffers are shown apart
 
@@ -234,7 +236,7 @@ def measure(spec: dict[str, Any], world: int = 2) -> list[dict[str, Any]]:
     for attempt in range(2):
         with tempfile.TemporaryDirectory(prefix="galaxalign-zero-mem-") as out_dir:
             try:
-                mp.spawn(_rank_main, args=(world, _free_port(), spec, out_dir), nprocs=world, join=True)
+                mp.spawn(_rank_main, args=(world, free_port(), spec, out_dir), nprocs=world, join=True)
             except mp.ProcessExitedException as e:
                 # Seen once here: a rank aborted with glibc "malloc(): unaligned tcache chunk detected"
                 # (not reproduced on rerun). Retry once, and say so: a crash is a finding, not noise.
@@ -244,14 +246,6 @@ def measure(spec: dict[str, Any], world: int = 2) -> list[dict[str, Any]]:
                 continue
             return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
     raise AssertionError("unreachable")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- DeepSpeed's estimators

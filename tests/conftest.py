@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 # Set before anything imports open_clip / deepspeed: no hub retries, no accelerator probing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,13 +13,9 @@ REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "re
 REAL_GALAXIES = os.path.abspath(os.environ.get("GALAXALIGN_REAL_GALAXIES", REAL))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 import pytest  # noqa: E402
+
+from galaxalign_dist.launch.train import free_port  # noqa: E402, F401 - tests import it from here
 
 
 @pytest.fixture(scope="session")

@@ -202,7 +202,8 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, train_loop=No
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a dashboard, a head, a rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -235,7 +236,7 @@ def init_ray() -> None:
                 "cannot resolve the dashboard of %s (%s); a stopped run may hold resources", address, e
             )
     elif not api:
-        port = _free_port()  # not the default 8265, which another Ray on this host may hold
+        port = free_port()  # not the default 8265, which another Ray on this host may hold
         api = f"http://127.0.0.1:{port}"
     if api:
         env["RAY_API_SERVER_ADDRESS"] = api
