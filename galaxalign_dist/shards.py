@@ -379,12 +379,13 @@ def split_files(directory: str | Path, split: str) -> list[str]:
     return [_shown(directory, split, _basename(p)) for p in paths]
 
 
-def check_split_files(directory: str | Path, split: str) -> int:
+def check_split_files(directory: str | Path, split: str, meta: dict[str, Any] | None = None) -> int:
     """Open every Parquet footer of a split (no row data): the files metadata.json lists must exist,
     be Parquet, hold the required columns and add up to its row count. Returns the rows; ValueError
     naming the file otherwise. Cheap enough to run before a cluster is started for a training run
-    (footers are read a few at a time, which hides object-storage latency)."""
-    meta = read_metadata(directory)
+    (footers are read a few at a time, which hides object-storage latency). `meta`: the dataset's
+    metadata.json when the caller has already read it."""
+    meta = meta if meta is not None else read_metadata(directory)
     info = meta["splits"].get(split)
     if info is None:
         raise ValueError(f"unknown split {split!r}; dataset {directory} has {sorted(meta['splits'])}")
