@@ -3,40 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 
+from galaxalign_dist.collectives import gather_no_grad, gather_with_grad, world
 from galaxalign_dist.config import LossConfig
 
 Pair = tuple[str, str]
 STAGE1_PAIRS: tuple[Pair, ...] = (("image", "text"), ("symbol", "text"))
 STAGE2_PAIRS: tuple[Pair, ...] = (("image", "text"), ("symbol", "text"), ("image", "symbol"))
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) local rows -> (world*B, D) in rank order; gradients flow back to every rank's rows."""
-    _, world = _world()
-    if world == 1:
-        return x
-    # Autograd-aware gather (torch 2.15 deprecates torch.distributed.nn.functional.all_gather for this);
-    # backward sends each rank the gradient of its own rows, summed over every rank's loss.
-    return fc.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
-
-
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    _, world = _world()
-    if world == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
 
 
 def pairs_for(stage: int, loss_cfg: LossConfig) -> tuple[Pair, ...]:
@@ -79,10 +53,13 @@ class TriModalLoss(torch.nn.Module):
         pairs: tuple[Pair, ...],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """features: modality -> (B, D) normalised local rows; labels: (B,). Returns (total, per pair)."""
-        rank, _ = _world()
+        rank, _ = world()
         local_b = labels.shape[0]
         used = sorted({m for pair in pairs for m in pair})
-        gathered = {m: gather_with_grad(features[m]) for m in used}  # one gather per modality
+        # One collective for every modality: (B, M*D) -> (world*B, M*D), split back per modality.
+        dims = [features[m].shape[1] for m in used]
+        stacked = gather_with_grad(torch.cat([features[m] for m in used], dim=1))
+        gathered = dict(zip(used, stacked.split(dims, dim=1), strict=True))
         all_labels = gather_no_grad(labels) if self.class_aware else labels
         targets = self._targets(labels, all_labels, rank * local_b)
         scale = logit_scale.reshape(())

@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 
 from galaxalign_dist import checkpoint, metrics
+from galaxalign_dist.collectives import gather_no_grad, world
 from galaxalign_dist.config import Config
 from galaxalign_dist.engine import build_engine, full_fp32_state_dict, partition_report
-from galaxalign_dist.loss import TriModalLoss, gather_no_grad, pairs_for
+from galaxalign_dist.loss import TriModalLoss, pairs_for
 from galaxalign_dist.model import TriModalCLIP, build_model
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,6 @@ class TrainData:
     class_tokens: torch.Tensor | None = None  # (C, L) tokenized class captions, for zero-shot F1
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class Trainer:
     def __init__(
         self,
@@ -64,8 +59,8 @@ class Trainer:
         metrics_file: str | None = None,
     ) -> None:
         self.cfg, self.data, self.reporter = cfg, data, reporter
-        self.metrics_file = metrics_file if _rank_world()[0] == 0 else None  # one JSON line per epoch
-        self.rank, self.world = _rank_world()
+        self.rank, self.world = world()
+        self.metrics_file = metrics_file if self.rank == 0 else None  # one JSON line per epoch
         self.loss_fn = TriModalLoss(cfg.loss)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             cfg.engine.precision

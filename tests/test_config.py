@@ -94,3 +94,12 @@ def test_workers_get_absolute_local_paths(tmp_path, monkeypatch):
     cfg = absolute_paths(config.load("demo_cpu", {"run.out_dir": "s3://bucket/runs"}))
     assert cfg.data.path == str(tmp_path / "runs" / "demo" / "data")
     assert cfg.run.out_dir == "s3://bucket/runs"
+
+
+def test_every_packaged_config_restarts_a_dead_worker():
+    # A worker killed by the machine (OOM, preemption, a native crash) must not end the run: Ray Train
+    # restarts it from the last checkpoint, a bounded number of times.
+    for name in config.list_packaged():
+        cfg = config.load(name)
+        assert 1 <= cfg.run.max_failures <= 5, name
+        assert cfg.run.checkpoint_every_epochs >= 1, name
