@@ -161,8 +161,8 @@ def dataset(kind: str, rows: int, rows_per_file: int | None = None) -> Path:
     """
     import h5py
 
-    from galaxalign_dist import shards
-    from galaxalign_dist.prepare import prepare
+    from galaxalign_dist.data import shards
+    from galaxalign_dist.data.prepare import prepare
 
     out = (
         CACHE / f"data-{kind}px-{rows}"

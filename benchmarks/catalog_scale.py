@@ -56,7 +56,7 @@ def make_pool(root: Path) -> None:
 
 def make_catalogue(path: Path, rows: int, file_loc: list[str]) -> None:
     """A GZ DESI-schema catalogue of `rows` rows, generated and written GEN_CHUNK rows at a time."""
-    from galaxalign_dist import gzdesi
+    from galaxalign_dist.data import gzdesi
 
     if path.exists() and pq.ParquetFile(path).metadata.num_rows == rows:
         return  # cached
@@ -88,7 +88,7 @@ def _status_mb(key: str) -> float:
 
 def child(catalogue: str, out: str, image_root: str) -> None:
     """Run one conversion in this (fresh) process and print its figures as JSON."""
-    from galaxalign_dist.gzdesi_prepare import prepare_gzdesi
+    from galaxalign_dist.data.gzdesi_prepare import prepare_gzdesi
 
     rss0 = _status_mb("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()

@@ -18,8 +18,8 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from galaxalign_dist import config as config_mod  # noqa: E402
-from galaxalign_dist import shards  # noqa: E402
 from galaxalign_dist.config import Config  # noqa: E402
+from galaxalign_dist.data import shards  # noqa: E402
 
 FILES_VARIANT_ROWS = 64  # rows per Parquet file in the 'files' variant
 
@@ -205,8 +205,8 @@ def profile_transform(cfg: Config, blobs: list[bytes], specs: list[str], n: int)
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms import InterpolationMode
 
+    from galaxalign_dist.data.symbols import render_symbol
     from galaxalign_dist.launch.data import make_transform
-    from galaxalign_dist.symbols import render_symbol
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU Ray Data task (Ray sets OMP_NUM_THREADS=1)
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> float:
 
 
 def _size(cfg: Config) -> int:
-    from galaxalign_dist.model import image_size
+    from galaxalign_dist.train.model import image_size
 
     return image_size(cfg.model)
 

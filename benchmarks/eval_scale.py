@@ -42,7 +42,7 @@ def _rss_gb() -> float:
 
 
 def _map_worker(n: int, dim: int, block_size: int, threads: int) -> dict:
-    from galaxalign_dist.metrics import retrieval_map
+    from galaxalign_dist.evaluation.metrics import retrieval_map
 
     emb, labels = _embeddings(n, dim)
     base = _rss_gb()
@@ -71,7 +71,7 @@ def _run_map(n: int, args: argparse.Namespace) -> dict:
 def _faiss_throughput(n: int, dim: int, k: int = 10, n_queries: int = 10000) -> dict:
     import tempfile
 
-    from galaxalign_dist.index import build_index, load_index, search_arrays
+    from galaxalign_dist.evaluation.index import build_index, load_index, search_arrays
 
     emb, _ = _embeddings(n, dim)
     queries, _ = _embeddings(n_queries, dim, seed=1)

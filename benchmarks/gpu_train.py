@@ -47,9 +47,9 @@ def _rank_main(rank: int, world: int, port: int, spec: dict[str, Any], out_dir: 
     from torch.utils.flop_counter import FlopCounterMode
 
     from galaxalign_dist import config as config_mod
-    from galaxalign_dist.engine import build_engine
-    from galaxalign_dist.loss import TriModalLoss, pairs_for
-    from galaxalign_dist.model import build_model, build_tokenizer, image_size
+    from galaxalign_dist.train.engine import build_engine
+    from galaxalign_dist.train.loss import TriModalLoss, pairs_for
+    from galaxalign_dist.train.model import build_model, build_tokenizer, image_size
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))

@@ -42,8 +42,8 @@ def make_config(model: str, batch: int, zero_stage: int, stage: int) -> Config:
 
 def make_batches(cfg: Config, n_batches: int) -> list[dict[str, torch.Tensor]]:
     """Pre-decoded train batches: real images through the real TripletTransform, once, up front."""
+    from galaxalign_dist.data.schemas import get_schema
     from galaxalign_dist.launch.data import make_transform
-    from galaxalign_dist.schemas import get_schema
 
     kind = MODELS[cfg.model.name]
     schema = get_schema(common.DATASETS[kind][1])
@@ -76,9 +76,9 @@ class PlainLoop:
     """
 
     def __init__(self, cfg: Config, stage: int, total_steps: int) -> None:
-        from galaxalign_dist.engine import lr_lambda, param_groups
-        from galaxalign_dist.loss import TriModalLoss, pairs_for
-        from galaxalign_dist.model import build_model
+        from galaxalign_dist.train.engine import lr_lambda, param_groups
+        from galaxalign_dist.train.loss import TriModalLoss, pairs_for
+        from galaxalign_dist.train.model import build_model
 
         torch.manual_seed(cfg.run.seed)  # the Trainer seeds the same way: identical initial weights
         self.model = build_model(cfg.model, cfg.loss, with_symbol_tower=stage == 2)
@@ -136,8 +136,8 @@ def ours_worker(loop_config: dict[str, Any]) -> None:
     import torch
 
     from galaxalign_dist import config as config_mod
-    from galaxalign_dist import trainer as trainer_mod
     from galaxalign_dist.launch.train import RayReporter
+    from galaxalign_dist.train import trainer as trainer_mod
 
     cfg = config_mod.from_dict(loop_config["config"])
     batches = torch.load(loop_config["batches_file"])

@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
-from galaxalign_dist import shards
+from galaxalign_dist.data import shards
 
 
 def load(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -146,9 +146,9 @@ def _rank_main(rank: int, world: int, port: int, spec: dict[str, Any], out_dir: 
     from deepspeed.runtime.zero.stage3 import model_to_params
 
     from galaxalign_dist import config as config_mod
-    from galaxalign_dist import engine as engine_mod
-    from galaxalign_dist.loss import TriModalLoss, pairs_for
-    from galaxalign_dist.model import build_model, build_tokenizer, image_size
+    from galaxalign_dist.train import engine as engine_mod
+    from galaxalign_dist.train.loss import TriModalLoss, pairs_for
+    from galaxalign_dist.train.model import build_model, build_tokenizer, image_size
 
     torch.set_num_threads(1)  # two ranks share two cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))

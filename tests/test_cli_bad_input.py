@@ -50,10 +50,10 @@ def world(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     from galaxalign_dist import config as config_mod
-    from galaxalign_dist.export import INFO, WEIGHTS
-    from galaxalign_dist.index import build_index
-    from galaxalign_dist.model import build_model
-    from galaxalign_dist.prepare import prepare
+    from galaxalign_dist.data.prepare import prepare
+    from galaxalign_dist.evaluation.index import build_index
+    from galaxalign_dist.train.export import INFO, WEIGHTS
+    from galaxalign_dist.train.model import build_model
 
     root = tmp_path_factory.mktemp("world")
     # 40 synthetic galaxies, several files per split (the corrupt-shard cases damage one of them).
@@ -162,7 +162,7 @@ def checkpoint_with_corrupt_shard(w: Path, d: Path) -> None:
 
 def index32(w: Path, d: Path) -> None:
     """An index of 32-d vectors: not the space of the 64-d model named in its source.json."""
-    from galaxalign_dist.index import build_index
+    from galaxalign_dist.evaluation.index import build_index
 
     ids = [f"synthetic-{i:07d}" for i in range(40)]
     build_index(np.ones((40, 32), np.float32), ids, d / "index32")

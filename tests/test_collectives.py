@@ -11,9 +11,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from conftest import free_port
-from galaxalign_dist.collectives import gather_no_grad, gather_with_grad
 from galaxalign_dist.config import LossConfig
-from galaxalign_dist.loss import STAGE2_PAIRS, TriModalLoss
+from galaxalign_dist.train.collectives import gather_no_grad, gather_with_grad
+from galaxalign_dist.train.loss import STAGE2_PAIRS, TriModalLoss
 
 WORLD = 2
 # With torch's functional autograd all-gather (the implementation before this file existed), this loop died
@@ -81,6 +81,7 @@ def _stress(rank: int, port: int, steps: int) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_long_gather_loop_on_gloo_does_not_corrupt_the_heap():
     # A crash of either process (SIGSEGV, SIGABRT from glibc's heap checks) raises ProcessExitedException.

@@ -15,10 +15,11 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from galaxalign_dist import shards
-from galaxalign_dist.data import TripletTransform, iter_batches, to_numpy
-from galaxalign_dist.prepare import prepare
-from galaxalign_dist.symbols import render_symbol
+from galaxalign_dist.data import shards
+from galaxalign_dist.data.prepare import prepare
+from galaxalign_dist.data.reader import iter_batches, to_numpy
+from galaxalign_dist.data.symbols import render_symbol
+from galaxalign_dist.data.transform import TripletTransform
 
 REAL = Path(
     os.environ.get(

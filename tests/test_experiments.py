@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from galaxalign_dist import config
-from galaxalign_dist.checkpoint import LocalReporter
 from galaxalign_dist.launch.experiments import _variant_config, run_identity, variants
-from galaxalign_dist.trainer import TrainData, Trainer
+from galaxalign_dist.train.checkpoint import LocalReporter
+from galaxalign_dist.train.trainer import TrainData, Trainer
 
 
 def test_variant_configs():
@@ -37,7 +37,7 @@ def test_variant_configs():
 
 def _nan_symbol_data(cfg) -> TrainData:
     """Symbols are NaN: any run that encodes a symbol gets a NaN loss."""
-    from galaxalign_dist.model import build_tokenizer
+    from galaxalign_dist.train.model import build_tokenizer
 
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(32, 3, 64, 64, generator=g), torch.randint(0, 4, (32,), generator=g)
@@ -53,7 +53,7 @@ def _nan_symbol_data(cfg) -> TrainData:
 
 @pytest.mark.timeout(300)
 def test_clip_variant_never_sees_a_symbol_and_v1_never_builds_a_symbol_tower(single_rank_group, tmp_path):
-    from galaxalign_dist.export import consolidate
+    from galaxalign_dist.train.export import consolidate
 
     base = config.load(
         "demo_cpu",
@@ -73,7 +73,7 @@ def test_clip_variant_never_sees_a_symbol_and_v1_never_builds_a_symbol_tower(sin
         assert not any(k.startswith("symbol.") for k in consolidate(ckpt))
     v1 = _variant_config(base, "v1", variants(base)["v1"][1], tmp_path)
     rep = LocalReporter(tmp_path / "v1")
-    from galaxalign_dist.trainer import NonFiniteLossError
+    from galaxalign_dist.train.trainer import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError):  # v1 does encode symbols (with the image tower)...
         Trainer(v1, _nan_symbol_data(v1), rep).fit()
@@ -81,8 +81,8 @@ def test_clip_variant_never_sees_a_symbol_and_v1_never_builds_a_symbol_tower(sin
 
 
 def test_write_subset_is_stratified_and_nested(tmp_path):
-    from galaxalign_dist.prepare import prepare
-    from galaxalign_dist.shards import dataset, read_metadata, write_subset
+    from galaxalign_dist.data.prepare import prepare
+    from galaxalign_dist.data.shards import dataset, read_metadata, write_subset
 
     prepare("synthetic:galaxymnist", tmp_path / "full", n=200, seed=0, progress=False)
     small = write_subset(tmp_path / "full", tmp_path / "small", "train", 0.1)

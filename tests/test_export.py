@@ -9,14 +9,15 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import free_port
-from galaxalign_dist import checkpoint, config
-from galaxalign_dist.export import export, load_model
+from galaxalign_dist import config
+from galaxalign_dist.train import checkpoint
+from galaxalign_dist.train.export import export, load_model
 
 WORLD = 2
 
 
 def _fixed_inputs(cfg):
-    from galaxalign_dist.model import build_tokenizer
+    from galaxalign_dist.train.model import build_tokenizer
 
     g = torch.Generator().manual_seed(123)
     images = torch.randn(4, 3, 64, 64, generator=g)
@@ -37,9 +38,9 @@ def _rank(rank: int, port: int, zero_stage: int, stage: int, ckpt_dir: str, out:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from galaxalign_dist.engine import build_engine, partition_report
-    from galaxalign_dist.loss import TriModalLoss, pairs_for
-    from galaxalign_dist.model import build_model
+    from galaxalign_dist.train.engine import build_engine, partition_report
+    from galaxalign_dist.train.loss import TriModalLoss, pairs_for
+    from galaxalign_dist.train.model import build_model
 
     cfg = config.load("demo_cpu", [f"engine.zero_stage={zero_stage}", "data.batch_size=8"])
     torch.manual_seed(0)

@@ -19,8 +19,8 @@ def _faulty_loop(loop_config: dict) -> None:
     """The real per-worker loop, with two faults injected once each (marker files make them one-shot)."""
     import ray.train
 
-    from galaxalign_dist import checkpoint, trainer
     from galaxalign_dist.launch.train import train_loop_per_worker
+    from galaxalign_dist.train import checkpoint, trainer
 
     faults = Path(loop_config["fault_dir"])
     rank = ray.train.get_context().get_world_rank()
@@ -53,9 +53,9 @@ def _faulty_loop(loop_config: dict) -> None:
 def test_worker_death_and_death_during_save_restart_from_last_good_checkpoint(tmp_path):
     import ray
 
-    from galaxalign_dist.export import export
+    from galaxalign_dist.data.prepare import prepare
     from galaxalign_dist.launch.train import build_trainer, check, run_dir
-    from galaxalign_dist.prepare import prepare
+    from galaxalign_dist.train.export import export
 
     prepare("synthetic:galaxymnist", tmp_path / "data", n=640, seed=0)
     cfg = config.load(

@@ -1,4 +1,4 @@
-"""Tests for galaxalign_dist.figures: each figure writes a PNG that PIL opens, at a sensible size."""
+"""Tests for galaxalign_dist.evaluation.figures: each figure writes a PNG that PIL opens, at a sensible size."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import pytest
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from galaxalign_dist.figures import confusion_matrix_png, embedding_map_png, pca_grid_png, retrieval_png
+from galaxalign_dist.evaluation.figures import (
+    confusion_matrix_png,
+    embedding_map_png,
+    pca_grid_png,
+    retrieval_png,
+)
 
 CLASSES = ["round", "cigar", "edge-on", "spiral"]
 

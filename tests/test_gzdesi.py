@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from galaxalign_dist import gzdesi
-from galaxalign_dist.gzdesi import GZDesiMapping, map_batch, map_row
-from galaxalign_dist.schemas import GALAXY10, GALAXY_MNIST, parse_symbol_spec
+from galaxalign_dist.data import gzdesi
+from galaxalign_dist.data.gzdesi import GZDesiMapping, map_batch, map_row
+from galaxalign_dist.data.schemas import GALAXY10, GALAXY_MNIST, parse_symbol_spec
 
 NAN = math.nan
 G10 = GZDesiMapping()

@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 from open_clip.tokenizer import SimpleTokenizer
 
-from galaxalign_dist import gzdesi, gzdesi_prepare, shards
 from galaxalign_dist.cli.main import main
-from galaxalign_dist.data import TripletTransform, iter_batches
-from galaxalign_dist.gzdesi_prepare import prepare_gzdesi
-from galaxalign_dist.prepare import hash_split, prepare
-from galaxalign_dist.schemas import get_schema, parse_symbol_spec
-from galaxalign_dist.sources import SourceOptions, open_source
+from galaxalign_dist.data import gzdesi, gzdesi_prepare, shards
+from galaxalign_dist.data.gzdesi_prepare import prepare_gzdesi
+from galaxalign_dist.data.prepare import hash_split, prepare
+from galaxalign_dist.data.reader import iter_batches
+from galaxalign_dist.data.schemas import get_schema, parse_symbol_spec
+from galaxalign_dist.data.sources import SourceOptions, open_source
+from galaxalign_dist.data.transform import TripletTransform
 
 REAL = Path(
     os.environ.get(

@@ -1,4 +1,4 @@
-"""Tests for galaxalign_dist.index: exact top-k against numpy brute force, saved ids, clear errors."""
+"""Tests for galaxalign_dist.evaluation.index: exact top-k against numpy brute force, saved ids, clear errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from galaxalign_dist.index import build_index, load_index, search, search_arrays
-from galaxalign_dist.metrics import l2_normalize
+from galaxalign_dist.evaluation.index import build_index, load_index, search, search_arrays
+from galaxalign_dist.evaluation.metrics import l2_normalize
 
 
 def _data(n: int = 500, d: int = 32, q: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -13,7 +13,7 @@ from open_clip.loss import ClipLoss
 
 from conftest import free_port
 from galaxalign_dist.config import LossConfig
-from galaxalign_dist.loss import STAGE1_PAIRS, STAGE2_PAIRS, TriModalLoss, pairs_for
+from galaxalign_dist.train.loss import STAGE1_PAIRS, STAGE2_PAIRS, TriModalLoss, pairs_for
 
 WORLD, LOCAL_B, DIM = 2, 6, 16
 

@@ -1,4 +1,4 @@
-"""Tests for galaxalign_dist.metrics: heads vs sklearn, chunked retrieval mAP vs a dense sklearn reference."""
+"""Tests for galaxalign_dist.evaluation.metrics: heads vs sklearn, chunked retrieval mAP vs a dense sklearn reference."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
-from galaxalign_dist.metrics import (
+from galaxalign_dist.evaluation.metrics import (
     classification_report,
     evaluate_embeddings,
     fused_prototypes,

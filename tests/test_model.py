@@ -7,8 +7,8 @@ import math
 import torch
 
 from galaxalign_dist import config
-from galaxalign_dist.engine import lr_lambda, param_groups
-from galaxalign_dist.model import build_model, build_tokenizer
+from galaxalign_dist.train.engine import lr_lambda, param_groups
+from galaxalign_dist.train.model import build_model, build_tokenizer
 
 
 def _inputs(cfg, b=3):

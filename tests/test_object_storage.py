@@ -15,11 +15,12 @@ import pytest
 from open_clip.tokenizer import SimpleTokenizer
 
 from galaxalign_dist import config as config_mod
-from galaxalign_dist import shards
-from galaxalign_dist.data import TripletTransform, iter_batches
-from galaxalign_dist.evaluate import thumbnails
+from galaxalign_dist.data import shards
+from galaxalign_dist.data.prepare import prepare
+from galaxalign_dist.data.reader import iter_batches
+from galaxalign_dist.data.transform import TripletTransform
+from galaxalign_dist.evaluation.evaluate import thumbnails
 from galaxalign_dist.launch.train import absolute_paths, ensure_dataset
-from galaxalign_dist.prepare import prepare
 
 
 @pytest.fixture(scope="module")

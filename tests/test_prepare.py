@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from galaxalign_dist import shards
 from galaxalign_dist.cli.main import main
-from galaxalign_dist.prepare import prepare
-from galaxalign_dist.schemas import GALAXY10, GALAXY_MNIST
+from galaxalign_dist.data import shards
+from galaxalign_dist.data.prepare import prepare
+from galaxalign_dist.data.schemas import GALAXY10, GALAXY_MNIST
 
 REAL = Path(
     os.environ.get(
@@ -222,7 +222,7 @@ def test_folder_source(tmp_path):
 
 def test_synthetic_source_plumbing(tmp_path, monkeypatch):
     """Chunks from synthetic.iter_chunks (its documented signature) become rows; n/seed/size reach it."""
-    from galaxalign_dist import synthetic
+    from galaxalign_dist.data import synthetic
 
     calls = []
 
@@ -244,7 +244,7 @@ def test_synthetic_source_plumbing(tmp_path, monkeypatch):
 
 
 def test_synthetic_source(tmp_path):
-    if not hasattr(pytest.importorskip("galaxalign_dist.synthetic"), "iter_chunks"):
+    if not hasattr(pytest.importorskip("galaxalign_dist.data.synthetic"), "iter_chunks"):
         pytest.skip("synthetic.iter_chunks not available")
     meta = prepare("synthetic:galaxymnist", tmp_path / "syn", n=50, size=32, seed=3, progress=False)
     assert meta["num_rows"] == 50 and meta["image_size"] == [32, 32] and meta["schema"] == "galaxymnist"

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from galaxalign_dist import checkpoint, config
-from galaxalign_dist.checkpoint import LocalReporter, UnsafeCheckpointError
-from galaxalign_dist.trainer import NonFiniteLossError, TrainData, Trainer
+from galaxalign_dist import config
+from galaxalign_dist.train import checkpoint
+from galaxalign_dist.train.checkpoint import LocalReporter, UnsafeCheckpointError
+from galaxalign_dist.train.trainer import NonFiniteLossError, TrainData, Trainer
 
 N, B = 48, 16
 pytestmark = pytest.mark.usefixtures("single_rank_group")  # one DeepSpeed process group (conftest)
@@ -31,7 +32,7 @@ def _cfg(**overrides):
 
 
 def _data(cfg, nan_from_epoch: int | None = None) -> TrainData:
-    from galaxalign_dist.model import build_tokenizer
+    from galaxalign_dist.train.model import build_tokenizer
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(N, 3, 64, 64, generator=g)
@@ -64,7 +65,7 @@ class _StopAfter(LocalReporter):
 
 
 def _final_weights(root) -> dict[str, torch.Tensor]:
-    from galaxalign_dist.export import consolidate
+    from galaxalign_dist.train.export import consolidate
 
     with LocalReporter(root).latest_checkpoint() as ckpt:
         return consolidate(ckpt)
@@ -127,7 +128,7 @@ def test_checkpoint_with_pickled_code_is_refused_before_anything_runs(tmp_path):
             pickle.dump({"module": _Exploit(str(marker))}, f)
         with pytest.raises(UnsafeCheckpointError, match="refused to load"):
             checkpoint.verify_safe(ckpt)
-        from galaxalign_dist.export import export
+        from galaxalign_dist.train.export import export
 
         with pytest.raises(UnsafeCheckpointError):
             export(ckpt, tmp_path / "export")
@@ -137,8 +138,8 @@ def test_checkpoint_with_pickled_code_is_refused_before_anything_runs(tmp_path):
 def test_exported_weights_are_safetensors_only(tmp_path):
     from safetensors.torch import save_file
 
-    from galaxalign_dist.export import load_model
-    from galaxalign_dist.model import build_model
+    from galaxalign_dist.train.export import load_model
+    from galaxalign_dist.train.model import build_model
 
     cfg = _cfg()
     model = build_model(cfg.model, cfg.loss)

@@ -1,4 +1,4 @@
-"""Tests for galaxalign_dist.symbols: symbols draw, parts differ, augmentation is seeded, bad specs fail."""
+"""Tests for galaxalign_dist.data.symbols: symbols draw, parts differ, augmentation is seeded, bad specs fail."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from galaxalign_dist.cli.main import main
-from galaxalign_dist.schemas import GALAXY10, GALAXY_MNIST
-from galaxalign_dist.symbols import render_symbol, symbol_sheet
+from galaxalign_dist.data.schemas import GALAXY10, GALAXY_MNIST
+from galaxalign_dist.data.symbols import render_symbol, symbol_sheet
 
 ALL_SPECS = sorted({c.symbol for s in (GALAXY10, GALAXY_MNIST) for c in s.classes})
 

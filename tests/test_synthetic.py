@@ -1,4 +1,4 @@
-"""Tests for galaxalign_dist.synthetic: seeded chunkable generation, labels, physical sanity, learnability."""
+"""Tests for galaxalign_dist.data.synthetic: seeded chunkable generation, labels, physical sanity, learnability."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from galaxalign_dist.cli.main import main
-from galaxalign_dist.schemas import GALAXY10, GALAXY_MNIST
-from galaxalign_dist.synthetic import (
+from galaxalign_dist.data.schemas import GALAXY10, GALAXY_MNIST
+from galaxalign_dist.data.synthetic import (
     FRAMINGS,
     generate,
     iter_chunks,

@@ -14,9 +14,9 @@ ROWS_PER_RANK, GLOBAL_BATCH = 1024, 32  # 64 steps per epoch per rank
 
 def _train(rank: int, root: str) -> list[dict]:
     from galaxalign_dist import config
-    from galaxalign_dist.checkpoint import LocalReporter
-    from galaxalign_dist.model import build_tokenizer
-    from galaxalign_dist.trainer import TrainData, Trainer
+    from galaxalign_dist.train.checkpoint import LocalReporter
+    from galaxalign_dist.train.model import build_tokenizer
+    from galaxalign_dist.train.trainer import TrainData, Trainer
 
     cfg = config.load(
         "demo_cpu",

@@ -25,7 +25,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def synthetic_data(tmp_path_factory):
-    from galaxalign_dist.prepare import prepare
+    from galaxalign_dist.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("data") / "galaxymnist"
     prepare("synthetic:galaxymnist", out, n=640, seed=0)

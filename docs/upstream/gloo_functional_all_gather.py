@@ -6,7 +6,7 @@ Two gloo processes on one host, no Ray, no DeepSpeed, nothing but torch:
 funcol  three torch.distributed._functional_collectives.all_gather_single_autograd calls per step, all issued
         before any result is used, then backward (what a contrastive loss over three modalities does)
 c10d    the same three gathers as a torch.autograd.Function over dist.all_gather_into_tensor (forward) and
-        dist.all_reduce (backward): what galaxalign_dist.collectives does instead
+        dist.all_reduce (backward): what galaxalign_dist.train.collectives does instead
 Prints its step rate only; a crash shows as `ProcessExitedException: process N terminated with signal ...`.
 """
 

@@ -28,9 +28,9 @@ def run(args: argparse.Namespace) -> int:
     pairs.update(dict(config_mod.parse_override(o) for o in args.overrides))
     cfg = config_mod.load(args.config, pairs)
 
-    from galaxalign_dist.evaluate import evaluate_model
-    from galaxalign_dist.export import export
+    from galaxalign_dist.evaluation.evaluate import evaluate_model
     from galaxalign_dist.launch.train import fit, run_dir
+    from galaxalign_dist.train.export import export
 
     t0 = time.perf_counter()
     result = fit(cfg)  # prepares the synthetic dataset first when it is not there yet

@@ -16,9 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_dist.evaluate import embed, save_embeddings
-    from galaxalign_dist.export import load_config, load_model
-    from galaxalign_dist.model import build_tokenizer
+    from galaxalign_dist.evaluation.evaluate import embed, save_embeddings
+    from galaxalign_dist.train.export import load_config, load_model
+    from galaxalign_dist.train.model import build_tokenizer
 
     model = load_model(args.model)
     emb = embed(model, build_tokenizer(load_config(args.model).model), args.data, args.split, args.batch_size)

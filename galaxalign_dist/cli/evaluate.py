@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_dist.evaluate import evaluate_model
+    from galaxalign_dist.evaluation.evaluate import evaluate_model
 
     metrics = evaluate_model(
         args.model,

@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_dist.export import export
+    from galaxalign_dist.train.export import export
 
     out = export(args.checkpoint, args.out)
     print(f"exported to {out}; load with galaxalign_dist.load_model({str(out)!r})")

@@ -24,11 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from galaxalign_dist import shards
-    from galaxalign_dist.evaluate import embed
-    from galaxalign_dist.export import load_config, load_model
-    from galaxalign_dist.index import build_index
-    from galaxalign_dist.model import build_tokenizer
+    from galaxalign_dist.data import shards
+    from galaxalign_dist.evaluation.evaluate import embed
+    from galaxalign_dist.evaluation.index import build_index
+    from galaxalign_dist.train.export import load_config, load_model
+    from galaxalign_dist.train.model import build_tokenizer
 
     meta = shards.read_metadata(args.data)
     splits = args.split or list(meta["splits"])

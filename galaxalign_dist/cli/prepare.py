@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_dist.prepare import prepare
+    from galaxalign_dist.data.prepare import prepare
 
     meta = prepare(
         args.source,

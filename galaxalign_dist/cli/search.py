@@ -22,10 +22,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from galaxalign_dist.cli.index import SOURCE_FILE
-    from galaxalign_dist.data import TripletTransform
-    from galaxalign_dist.export import load_config, load_model
-    from galaxalign_dist.index import load_index, search_arrays
-    from galaxalign_dist.model import build_tokenizer, image_size
+    from galaxalign_dist.data.transform import TripletTransform
+    from galaxalign_dist.evaluation.index import load_index, search_arrays
+    from galaxalign_dist.train.export import load_config, load_model
+    from galaxalign_dist.train.model import build_tokenizer, image_size
 
     image = Path(args.image)
     if not image.is_file():
@@ -77,12 +77,12 @@ def _save_grid(path: str, image: Path, hits: list[tuple[str, float]], data_dir: 
     import numpy as np
     from PIL import Image
 
-    from galaxalign_dist import figures
-    from galaxalign_dist.evaluate import thumbnails
+    from galaxalign_dist.evaluation import figures
+    from galaxalign_dist.evaluation.evaluate import thumbnails
 
     if not data_dir:
         raise ValueError("--grid needs the dataset the index was built from (missing in source.json)")
-    from galaxalign_dist import shards
+    from galaxalign_dist.data import shards
 
     ids = np.array([h[0] for h in hits])
     thumbs = np.zeros((len(ids), 64, 64, 3), np.uint8)

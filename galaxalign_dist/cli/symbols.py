@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def specs_for(schema: str) -> list[tuple[str, str]]:
     """(spec, title) rows: each distinct class symbol once (titled with every class that uses it)."""
-    from galaxalign_dist.schemas import SCHEMAS, get_schema
+    from galaxalign_dist.data.schemas import SCHEMAS, get_schema
 
     schemas = list(SCHEMAS.values()) if schema == "all" else [get_schema(schema)]
     titles: dict[str, list[str]] = {}
@@ -46,7 +46,7 @@ def specs_for(schema: str) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_dist.symbols import MIN_SIZE, symbol_sheet
+    from galaxalign_dist.data.symbols import MIN_SIZE, symbol_sheet
 
     if args.size < MIN_SIZE:
         raise ValueError(f"--size must be >= {MIN_SIZE}, got {args.size}")

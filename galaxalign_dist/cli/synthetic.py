@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from galaxalign_dist.schemas import get_schema
-    from galaxalign_dist.synthetic import synthetic_sheet
+    from galaxalign_dist.data.schemas import get_schema
+    from galaxalign_dist.data.synthetic import synthetic_sheet
 
     schema = get_schema(args.schema)
     if args.size < 8:

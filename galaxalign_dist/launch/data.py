@@ -5,10 +5,10 @@ from __future__ import annotations
 import ray
 import ray.data
 
-from galaxalign_dist import shards
 from galaxalign_dist.config import Config
-from galaxalign_dist.data import TripletTransform
-from galaxalign_dist.model import build_tokenizer, image_size
+from galaxalign_dist.data import shards
+from galaxalign_dist.data.transform import TripletTransform
+from galaxalign_dist.train.model import build_tokenizer, image_size
 
 COLUMNS = ["id", "image", "label", "text", "symbol"]
 

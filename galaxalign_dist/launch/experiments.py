@@ -46,9 +46,9 @@ def run_identity(cfg: Config) -> str:
 
 
 def _train_export_eval(cfg: Config, out: Path, eval_data: str | None = None) -> dict[str, Any]:
-    from galaxalign_dist.evaluate import evaluate_model
-    from galaxalign_dist.export import export
+    from galaxalign_dist.evaluation.evaluate import evaluate_model
     from galaxalign_dist.launch.train import fit
+    from galaxalign_dist.train.export import export
 
     result = fit(cfg)
     model_dir = export(result.checkpoint.path, out / f"{cfg.run.name}-export")
@@ -116,7 +116,7 @@ def ablate(cfg: Config, out: str | Path, names: list[str] | None = None) -> list
 
 def fewshot(cfg: Config, out: str | Path, fractions: list[float]) -> list[dict[str, Any]]:
     """Train on stratified fractions of the train split (same test split); F1 against fraction."""
-    from galaxalign_dist.shards import write_subset
+    from galaxalign_dist.data.shards import write_subset
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from galaxalign_dist import config as config_mod
-from galaxalign_dist import shards
 from galaxalign_dist.config import Config
+from galaxalign_dist.data import shards
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def ensure_dataset(cfg: Config) -> dict[str, Any]:
     # A URI (s3://, gs://, ...) stays a string: shards reads it through pyarrow's filesystems.
     path = cfg.data.path if shards.is_uri(cfg.data.path) else Path(cfg.data.path)
     if not shards.is_prepared(path) and cfg.data.prepare_source:  # prepare() refuses a URI
-        from galaxalign_dist.prepare import prepare
+        from galaxalign_dist.data.prepare import prepare
 
         log.info("preparing %s into %s", cfg.data.prepare_source, path)
         prepare(cfg.data.prepare_source, path, n=cfg.data.prepare_n or None, seed=cfg.run.seed)
@@ -69,7 +69,7 @@ def split_rows(meta: dict[str, Any], split: str) -> int:
 
 def check(cfg: Config) -> dict[str, Any]:
     """Everything that can be checked without a cluster: config, model name, dataset."""
-    from galaxalign_dist.model import check_model_name
+    from galaxalign_dist.train.model import check_model_name
 
     config_mod.validate(cfg)
     check_model_name(cfg.model.name)
@@ -99,15 +99,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: one DeepSpeed rank."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_mod.from_dict(loop_config["config"])
-    from galaxalign_dist.engine import set_accelerator
+    from galaxalign_dist.train.engine import set_accelerator
 
     set_accelerator(cfg.engine.use_gpu)  # before anything imports deepspeed
     import ray.train
 
-    from galaxalign_dist.data import iter_batches
+    from galaxalign_dist.data.reader import iter_batches
     from galaxalign_dist.launch.data import make_transform
-    from galaxalign_dist.model import build_tokenizer
-    from galaxalign_dist.trainer import TrainData, Trainer
+    from galaxalign_dist.train.model import build_tokenizer
+    from galaxalign_dist.train.trainer import TrainData, Trainer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter  # scipy comes with scikit-learn, a dependency already
 
-from galaxalign_dist.schemas import SCHEMAS, ClassSchema, get_schema, parse_symbol_spec
+from galaxalign_dist.data.schemas import SCHEMAS, ClassSchema, get_schema, parse_symbol_spec
 
 GalaxyParams = dict[
     str, Any
@@ -402,7 +402,7 @@ def synthetic_sheet(
     each row starts with up to per_class real images of that class, for a side-by-side check."""
     from PIL import Image
 
-    from galaxalign_dist.symbols import contact_sheet
+    from galaxalign_dist.data.symbols import contact_sheet
 
     schema = get_schema(schema) if isinstance(schema, str) else schema
     labels = np.repeat(np.arange(schema.num_classes), per_class)

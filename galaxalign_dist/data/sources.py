@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
-from galaxalign_dist.schemas import ClassSchema, GalaxyClass, get_schema, parse_symbol_spec
+from galaxalign_dist.data.schemas import ClassSchema, GalaxyClass, get_schema, parse_symbol_spec
 
 CHUNK_ROWS = 256
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -387,7 +387,7 @@ class SyntheticSource(Source):
         self.extra_fields = []
 
     def chunks(self) -> Iterator[Chunk]:
-        from galaxalign_dist import synthetic  # imported late: only this form needs it
+        from galaxalign_dist.data import synthetic  # imported late: only this form needs it
 
         it = synthetic.iter_chunks(
             self.schema, self.total, seed=self.opts.seed, size=self.size, chunk=self.opts.chunk_rows
@@ -400,7 +400,7 @@ class SyntheticSource(Source):
 
 def gzdesi_source(arg: str, opts: SourceOptions) -> Source:
     """`gzdesi:CATALOGUE.parquet`: Galaxy Zoo DESI vote fractions (prepare() converts it resumably)."""
-    from galaxalign_dist.gzdesi_prepare import GZDesiSource  # late: gzdesi_prepare imports this module
+    from galaxalign_dist.data.gzdesi_prepare import GZDesiSource  # late: gzdesi_prepare imports this module
 
     return GZDesiSource(arg, opts)
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from galaxalign_dist.config import Config
-from galaxalign_dist.model import TriModalCLIP
+from galaxalign_dist.train.model import TriModalCLIP
 
 
 def set_accelerator(use_gpu: bool) -> None:

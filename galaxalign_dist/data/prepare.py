@@ -16,8 +16,8 @@ import pyarrow as pa
 from PIL import Image
 from tqdm import tqdm
 
-from galaxalign_dist import shards
-from galaxalign_dist.sources import Chunk, Source, SourceOptions, open_source
+from galaxalign_dist.data import shards
+from galaxalign_dist.data.sources import Chunk, Source, SourceOptions, open_source
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def prepare(
     shards.check_local_output(out)  # before Path(): it would fold s3://b/x into the local s3:/b/x
     if source.lower().startswith("gzdesi:"):
         # 8.7M rows take hours: resumable per-shard output, not one temporary directory (docs/gzdesi_scale.md).
-        from galaxalign_dist.gzdesi_prepare import prepare_gzdesi
+        from galaxalign_dist.data.gzdesi_prepare import prepare_gzdesi
 
         return prepare_gzdesi(
             source.partition(":")[2], out, image_root=image_root, schema=schema, n=n, seed=seed,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from galaxalign_dist.collectives import gather_no_grad, gather_with_grad, world
 from galaxalign_dist.config import LossConfig
+from galaxalign_dist.train.collectives import gather_no_grad, gather_with_grad, world
 
 Pair = tuple[str, str]
 STAGE1_PAIRS: tuple[Pair, ...] = (("image", "text"), ("symbol", "text"))

@@ -12,9 +12,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from galaxalign_dist import checkpoint
 from galaxalign_dist import config as config_mod
-from galaxalign_dist.model import TriModalCLIP, build_model
+from galaxalign_dist.train import checkpoint
+from galaxalign_dist.train.model import TriModalCLIP, build_model
 
 log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"

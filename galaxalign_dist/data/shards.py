@@ -39,7 +39,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from galaxalign_dist.schemas import ClassSchema, GalaxyClass
+from galaxalign_dist.data.schemas import ClassSchema, GalaxyClass
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")

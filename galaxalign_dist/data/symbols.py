@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from galaxalign_dist.schemas import parse_symbol_spec
+from galaxalign_dist.data.schemas import parse_symbol_spec
 
 MIN_SIZE = 8  # below this the icons are a few grey pixels: refuse rather than train on mush
 # Pitch angles (degrees) of the drawn logarithmic spiral arms. Observed spiral pitch angles run

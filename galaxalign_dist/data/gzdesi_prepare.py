@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from galaxalign_dist import gzdesi, shards
-from galaxalign_dist.prepare import MAX_LISTED_SKIPS, _check_image, hash_split
-from galaxalign_dist.schemas import get_schema
-from galaxalign_dist.sources import CATALOG_EXTRAS, Chunk, Source, SourceOptions
+from galaxalign_dist.data import gzdesi, shards
+from galaxalign_dist.data.prepare import MAX_LISTED_SKIPS, _check_image, hash_split
+from galaxalign_dist.data.schemas import get_schema
+from galaxalign_dist.data.sources import CATALOG_EXTRAS, Chunk, Source, SourceOptions
 
 log = logging.getLogger(__name__)
 

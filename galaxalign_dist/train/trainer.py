@@ -16,12 +16,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from galaxalign_dist import checkpoint, metrics
-from galaxalign_dist.collectives import gather_no_grad, world
 from galaxalign_dist.config import Config
-from galaxalign_dist.engine import build_engine, full_fp32_state_dict, partition_report
-from galaxalign_dist.loss import TriModalLoss, pairs_for
-from galaxalign_dist.model import TriModalCLIP, build_model
+from galaxalign_dist.evaluation import metrics
+from galaxalign_dist.train import checkpoint
+from galaxalign_dist.train.collectives import gather_no_grad, world
+from galaxalign_dist.train.engine import build_engine, full_fp32_state_dict, partition_report
+from galaxalign_dist.train.loss import TriModalLoss, pairs_for
+from galaxalign_dist.train.model import TriModalCLIP, build_model
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]

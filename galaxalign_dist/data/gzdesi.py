@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from galaxalign_dist.schemas import caption, get_schema
+from galaxalign_dist.data.schemas import caption, get_schema
 
 # The GZ DESI decision tree's questions and answers, spelled as galaxy-datasets'
 # `label_metadata.desi_pairs` (the GZ DECaLS DR5/DR8 schema without the -dr8 suffix). Catalogue

@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from galaxalign_dist import figures, metrics, shards
-from galaxalign_dist.data import TripletTransform, iter_batches
-from galaxalign_dist.export import load_config, load_model
-from galaxalign_dist.model import TriModalCLIP, build_tokenizer, image_size
+from galaxalign_dist.data import shards
+from galaxalign_dist.data.reader import iter_batches
+from galaxalign_dist.data.transform import TripletTransform
+from galaxalign_dist.evaluation import figures, metrics
+from galaxalign_dist.train.export import load_config, load_model
+from galaxalign_dist.train.model import TriModalCLIP, build_tokenizer, image_size
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Data preparation and formats: sources -> Parquet shards, Galaxy Zoo DESI, symbols, transforms, readers."""
