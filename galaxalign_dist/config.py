@@ -212,10 +212,15 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """Build and validate a Config; unknown keys and wrong types raise ConfigError with the dotted key."""
+def from_dict(data: dict[str, Any], validate: bool = True) -> Config:
+    """Build (and validate) a Config; unknown keys and wrong types raise ConfigError with the dotted key.
+
+    validate=False is for a config that was validated where it was loaded and is only being shipped
+    (to a Ray worker, a trial): one validation per run, in the driver, before any resources are taken.
+    """
     cfg = _build(Config, data or {}, "")
-    validate(cfg)
+    if validate:
+        check(cfg)
     return cfg
 
 
@@ -292,8 +297,8 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
 
 
-def validate(cfg: Config) -> None:
-    """Catch bad configs before any cluster resources are taken."""
+def check(cfg: Config) -> None:
+    """Catch bad configs before any cluster resources are taken (from_dict and load call it)."""
     e, d, s = cfg.engine, cfg.data, cfg.stages
     if e.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage: {e.zero_stage} is not a DeepSpeed ZeRO stage (0, 1, 2 or 3)")

@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, pairs)
 
     from galaxalign_dist.evaluation.evaluate import evaluate_model
-    from galaxalign_dist.launch.train import fit, run_dir
+    from galaxalign_dist.launch.train import fit
+    from galaxalign_dist.paths import RunPaths
     from galaxalign_dist.train.export import export
 
     t0 = time.perf_counter()
@@ -42,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"demo finished in {time.perf_counter() - t0:.0f} s (training {t_train:.0f} s)")
     print(f"  data:         {cfg.data.path}")
-    print(f"  run:          {run_dir(cfg)}")
-    print(f"  tensorboard:  tensorboard --logdir {run_dir(cfg)}/tensorboard")
+    paths = RunPaths.of(cfg)
+    print(f"  run:          {paths.run_dir}")
+    print(f"  tensorboard:  tensorboard --logdir {paths.tensorboard}")
     print(f"  export:       {model_dir}  (galaxalign_dist.load_model)")
     print(f"  evaluation:   {out / 'eval' / 'metrics.json'}")
     summary = {

@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from galaxalign_dist.data import shards
     from galaxalign_dist.evaluation.evaluate import embed
     from galaxalign_dist.evaluation.index import build_index
+    from galaxalign_dist.paths import absolute
     from galaxalign_dist.train.export import load_config, load_model
     from galaxalign_dist.train.model import build_tokenizer
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     out = build_index(emb, ids, args.out, factory=args.factory, labels=labels)
     source = {
         "model": str(Path(args.model).resolve()),
-        "data": args.data if shards.is_uri(args.data) else str(Path(args.data).resolve()),
+        "data": absolute(args.data),
         "splits": splits,
     }
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=2))

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     extra = {k: v for k, v in (("run.name", args.name), ("run.out_dir", args.out_dir)) if v}
     cfg = load_config(args, extra)  # a bad config fails here, before Ray starts
-    from galaxalign_dist.launch.train import check, fit, run_dir
+    from galaxalign_dist.launch.train import check, fit
+    from galaxalign_dist.paths import RunPaths
 
     if args.check:
         meta = check(cfg)
@@ -29,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     result = fit(cfg)
-    print(f"run directory:   {run_dir(cfg)}")
+    print(f"run directory:   {RunPaths.of(cfg).run_dir}")
     print(f"checkpoint:      {result.checkpoint.path if result.checkpoint else None}")
-    print(f"tensorboard:     tensorboard --logdir {run_dir(cfg)}/tensorboard")
+    print(f"tensorboard:     tensorboard --logdir {RunPaths.of(cfg).tensorboard}")
     shown = {k: round(v, 4) for k, v in (result.metrics or {}).items() if isinstance(v, float)}
     print(f"final metrics:   {shown}")
     return 0

@@ -40,6 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from galaxalign_dist.data.schemas import ClassSchema, GalaxyClass
+from galaxalign_dist.paths import is_uri
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -264,11 +265,6 @@ def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- local paths and URIs
-
-
-def is_uri(path: str | Path) -> bool:
-    """Whether `path` is a URI (``s3://``, ``gs://``, ``file://``, ...) rather than a local path."""
-    return "://" in str(path)
 
 
 def check_local_output(out: str | Path) -> None:

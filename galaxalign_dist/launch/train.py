@@ -13,6 +13,7 @@ from typing import Any
 from galaxalign_dist import config as config_mod
 from galaxalign_dist.config import Config
 from galaxalign_dist.data import shards
+from galaxalign_dist.paths import RunPaths, absolute_paths, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -20,29 +21,10 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- before Ray
 
 
-def storage_root(cfg: Config) -> str:
-    """Ray needs an absolute local path, or a URI (s3://, gs://) for shared storage."""
-    return cfg.run.out_dir if "://" in cfg.run.out_dir else str(Path(cfg.run.out_dir).resolve())
-
-
-def run_dir(cfg: Config) -> str:
-    return f"{storage_root(cfg).rstrip('/')}/{cfg.run.name}"
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """The config with local relative paths made absolute: Ray workers do not run in the driver's cwd."""
-    data = cfg.to_dict()
-    for section, key in (("data", "path"), ("run", "out_dir")):
-        value = data[section][key]
-        if value and "://" not in value:
-            data[section][key] = str(Path(value).resolve())
-    return config_mod.from_dict(data)
-
-
 def ensure_dataset(cfg: Config) -> dict[str, Any]:
     """Prepare the dataset if asked and absent; validate it. Runs in the driver, before any worker."""
     # A URI (s3://, gs://, ...) stays a string: shards reads it through pyarrow's filesystems.
-    path = cfg.data.path if shards.is_uri(cfg.data.path) else Path(cfg.data.path)
+    path = cfg.data.path if is_uri(cfg.data.path) else Path(cfg.data.path)
     if not shards.is_prepared(path) and cfg.data.prepare_source:  # prepare() refuses a URI
         from galaxalign_dist.data.prepare import prepare
 
@@ -68,10 +50,9 @@ def split_rows(meta: dict[str, Any], split: str) -> int:
 
 
 def check(cfg: Config) -> dict[str, Any]:
-    """Everything that can be checked without a cluster: config, model name, dataset."""
+    """Everything that can be checked without a cluster: model name, dataset (the config was checked on load)."""
     from galaxalign_dist.train.model import check_model_name
 
-    config_mod.validate(cfg)
     check_model_name(cfg.model.name)
     return ensure_dataset(cfg)
 
@@ -98,7 +79,7 @@ class RayReporter:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: one DeepSpeed rank."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config_mod.from_dict(loop_config["config"])
+    cfg = config_mod.from_dict(loop_config["config"], validate=False)  # checked in the driver
     from galaxalign_dist.train.engine import set_accelerator
 
     set_accelerator(cfg.engine.use_gpu)  # before anything imports deepspeed
@@ -170,13 +151,13 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, train_loop=No
 
     quiet_data_context()
     cfg = absolute_paths(cfg)
+    paths = RunPaths.of(cfg)
     e = cfg.engine
     resources = {"CPU": e.cpus_per_worker, **({"GPU": e.gpus_per_worker} if e.use_gpu else {})}
-    local = "://" not in run_dir(cfg)  # event files and metrics.jsonl need a local/NFS run dir
     loop_config = {
         "config": cfg.to_dict(),
-        "log_dir": f"{run_dir(cfg)}/tensorboard" if local else None,
-        "metrics_file": f"{run_dir(cfg)}/metrics.jsonl" if local else None,
+        "log_dir": paths.tensorboard if paths.local else None,
+        "metrics_file": paths.metrics_file if paths.local else None,
     }
     return TorchTrainer(
         train_loop or train_loop_per_worker,
@@ -189,7 +170,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, train_loop=No
         datasets={"train": train_dataset(cfg)},
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=storage_root(cfg),
+            storage_path=paths.storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             callbacks=callbacks,
@@ -247,9 +228,9 @@ def init_ray() -> None:
 def fit(cfg: Config):  # noqa: ANN201
     """Check, then train with Ray Train; returns the ray.train.Result (raises if the run failed)."""
     check(cfg)
-    if "://" not in run_dir(cfg):
-        Path(run_dir(cfg)).mkdir(parents=True, exist_ok=True)
-        cfg.save(Path(run_dir(cfg)) / "config.yaml")  # the resolved config next to the run's outputs
+    paths = RunPaths.of(cfg)
+    if paths.local:
+        cfg.save(paths.config_file)  # the resolved config next to the run's outputs
     init_ray()
     result = build_trainer(cfg).fit()
     if result.error is not None:

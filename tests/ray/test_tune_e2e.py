@@ -14,7 +14,7 @@ from galaxalign_dist.launch import tune as tune_mod
 
 pytestmark = [pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # A pretrained checkpoint that does not exist: the trial passes every pre-Ray check (it is a valid string for
 # model.pretrained) and fails inside the Ray Train workers, so TorchTrainer.fit() raises in the trial driver.
 MISSING_WEIGHTS = "/nonexistent/galaxalign-weights.pt"

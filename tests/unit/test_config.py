@@ -88,7 +88,7 @@ def test_cli_rejects_bad_config_before_ray(capsys):
 def test_workers_get_absolute_local_paths(tmp_path, monkeypatch):
     # Ray workers run in their own directories: a relative data.path (as in demo_cpu) must reach them
     # resolved against the driver's cwd; URIs pass through untouched.
-    from galaxalign_dist.launch.train import absolute_paths
+    from galaxalign_dist.paths import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = absolute_paths(config.load("demo_cpu", {"run.out_dir": "s3://bucket/runs"}))

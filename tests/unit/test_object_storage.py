@@ -20,7 +20,8 @@ from galaxalign_dist.data.prepare import prepare
 from galaxalign_dist.data.reader import iter_batches
 from galaxalign_dist.data.transform import TripletTransform
 from galaxalign_dist.evaluation.evaluate import thumbnails
-from galaxalign_dist.launch.train import absolute_paths, ensure_dataset
+from galaxalign_dist.launch.train import ensure_dataset
+from galaxalign_dist.paths import absolute_paths, is_uri
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def uri(local: Path) -> str:
 
 def test_metadata_and_files_through_uri(local, uri):
     assert uri.startswith("file:///")
-    assert shards.is_uri(uri) and not shards.is_uri(local)
+    assert is_uri(uri) and not is_uri(local)
     assert shards.read_metadata(uri) == shards.read_metadata(local)
     assert shards.is_prepared(uri) and not shards.is_prepared(f"{uri}-missing")
     for split in shards.SPLITS:

@@ -23,7 +23,7 @@ from galaxalign_dist.data.transform import TripletTransform
 
 REAL = Path(
     os.environ.get(
-        "GALAXALIGN_REAL_GALAXIES", Path(__file__).resolve().parents[2] / "shared/data/real-galaxies"
+        "GALAXALIGN_REAL_GALAXIES", Path(__file__).resolve().parents[3] / "shared/data/real-galaxies"
     )
 )
 MEAN = np.array(OPENAI_DATASET_MEAN, np.float32)[:, None, None]

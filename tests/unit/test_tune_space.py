@@ -16,7 +16,7 @@ from galaxalign_dist import config
 from galaxalign_dist.config import ConfigError
 from galaxalign_dist.launch import tune as tune_mod
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPACES = sorted((ROOT / "tune").glob("*.yaml"))
 CLUSTER_YAMLS = sorted((ROOT / "cluster").glob("*.yaml"))
 

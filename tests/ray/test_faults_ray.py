@@ -54,7 +54,8 @@ def test_worker_death_and_death_during_save_restart_from_last_good_checkpoint(tm
     import ray
 
     from galaxalign_dist.data.prepare import prepare
-    from galaxalign_dist.launch.train import build_trainer, check, run_dir
+    from galaxalign_dist.launch.train import build_trainer, check
+    from galaxalign_dist.paths import RunPaths
     from galaxalign_dist.train.export import export
 
     prepare("synthetic:galaxymnist", tmp_path / "data", n=640, seed=0)
@@ -88,13 +89,13 @@ def test_worker_death_and_death_during_save_restart_from_last_good_checkpoint(tm
     assert (tmp_path / "killed_mid_epoch").exists() and (tmp_path / "killed_in_save").exists()
     # Each epoch reported once: epoch 2 (killed mid-way) and epoch 4 (killed while saving) were
     # retried from the previous checkpoint, the second time from the middle of stage 2.
-    hist = [json.loads(x) for x in Path(run_dir(cfg), "metrics.jsonl").read_text().splitlines()]
+    hist = [json.loads(x) for x in Path(RunPaths.of(cfg).run_dir, "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch_index"] for h in hist] == [1, 2, 3, 4]
     assert [h["step"] for h in hist] == [steps_per_epoch * i for i in (1, 2, 3, 4)]
     state = json.loads(Path(result.checkpoint.path, "state.json").read_text())
     assert (state["stage"], state["epoch"], state["step"]) == (2, 2, 4 * steps_per_epoch)
     # No registered checkpoint is corrupt: each has its state and both ranks' shards, and exports.
-    ckpts = sorted(p for p in Path(run_dir(cfg)).glob("checkpoint_*") if p.is_dir())
+    ckpts = sorted(p for p in Path(RunPaths.of(cfg).run_dir).glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 4
     for ckpt in ckpts:
         assert (ckpt / "state.json").exists()

@@ -25,7 +25,7 @@ from galaxalign_dist.data.transform import TripletTransform
 
 REAL = Path(
     os.environ.get(
-        "GALAXALIGN_REAL_GALAXIES", Path(__file__).resolve().parents[2] / "shared/data/real-galaxies"
+        "GALAXALIGN_REAL_GALAXIES", Path(__file__).resolve().parents[3] / "shared/data/real-galaxies"
     )
 )
 N_ROWS, SHARD = 150, 40  # 4 shards (the last one short); catalogue row groups of 64 cut across them

@@ -453,5 +453,5 @@ def test_class_rules_name_real_classes_and_walkable_paths():
 
 
 def test_docs_embed_the_default_mapping_table():
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "gzdesi.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "gzdesi.md").read_text()
     assert gzdesi.mapping_markdown() in doc

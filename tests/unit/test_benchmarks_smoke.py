@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SUMMARY = re.compile(r"^([a-z0-9_]+): ([-+0-9.eEnaif]+)$")
 

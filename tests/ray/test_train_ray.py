@@ -48,14 +48,17 @@ def _cfg(data, out, **overrides):
 
 
 def _history(cfg) -> list[dict]:
-    from galaxalign_dist.launch.train import run_dir
+    from galaxalign_dist.paths import RunPaths
 
-    return [json.loads(line) for line in Path(run_dir(cfg), "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in Path(RunPaths.of(cfg).run_dir, "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.mark.timeout(600)
 def test_zero3_two_workers_shards_towers_and_loss_decreases(ray_local, synthetic_data, tmp_path):
-    from galaxalign_dist.launch.train import fit, run_dir
+    from galaxalign_dist.launch.train import fit
+    from galaxalign_dist.paths import RunPaths
 
     cfg = _cfg(
         synthetic_data,
@@ -91,5 +94,5 @@ def test_zero3_two_workers_shards_towers_and_loss_decreases(ray_local, synthetic
     assert state["stage"] == 2 and state["epoch"] == 1 and state["step"] == hist[-1]["step"]
     shards = sorted(p.name for p in (ckpt / "zero").glob("*optim_states.pt"))
     assert len(shards) == 2, shards
-    assert (Path(run_dir(cfg)) / "config.yaml").exists()
-    assert list((Path(run_dir(cfg)) / "tensorboard").glob("events.out.tfevents.*"))
+    assert (Path(RunPaths.of(cfg).run_dir) / "config.yaml").exists()
+    assert list((Path(RunPaths.of(cfg).run_dir) / "tensorboard").glob("events.out.tfevents.*"))

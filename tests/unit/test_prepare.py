@@ -23,7 +23,7 @@ from galaxalign_dist.data.schemas import GALAXY10, GALAXY_MNIST
 
 REAL = Path(
     os.environ.get(
-        "GALAXALIGN_REAL_GALAXIES", Path(__file__).resolve().parents[2] / "shared/data/real-galaxies"
+        "GALAXALIGN_REAL_GALAXIES", Path(__file__).resolve().parents[3] / "shared/data/real-galaxies"
     )
 )
 SPIRALS = REAL / "gz-kaggle-spirals"

@@ -21,7 +21,7 @@ from galaxalign_dist import config
 
 pytestmark = [pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, galaxalign
 
 
