@@ -117,7 +117,8 @@ def build_dataset(cfg: Config, variant: str):  # noqa: ANN201
     """The product's train_dataset(cfg), or a variant of it that tests a recommendation."""
     import ray.data
 
-    from galaxalign_dist.launch.data import COLUMNS, make_transform, train_dataset
+    from galaxalign_dist.launch.data import COLUMNS, train_dataset
+    from galaxalign_dist.train.model import build_transform
 
     if variant in ("default", "files"):
         # 'files': the product's pipeline on the same rows written as many small files (prepare's
@@ -132,7 +133,7 @@ def build_dataset(cfg: Config, variant: str):  # noqa: ANN201
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return ds.map_batches(
-        make_transform(cfg, train=True), batch_format="numpy", batch_size=cfg.micro_batch_size
+        build_transform(cfg, train=True), batch_format="numpy", batch_size=cfg.micro_batch_size
     )
 
 
@@ -206,11 +207,11 @@ def profile_transform(cfg: Config, blobs: list[bytes], specs: list[str], n: int)
     from torchvision.transforms import InterpolationMode
 
     from galaxalign_dist.data.symbols import render_symbol
-    from galaxalign_dist.launch.data import make_transform
+    from galaxalign_dist.train.model import build_transform
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU Ray Data task (Ray sets OMP_NUM_THREADS=1)
-    t = make_transform(cfg, train=True)
+    t = build_transform(cfg, train=True)
     s = t.image_size
     acc = dict.fromkeys(("decode", "rotate", "resized_crop", "flips", "symbol_render"), 0.0)
     rng = np.random.default_rng(0)
@@ -246,7 +247,7 @@ def profile_transform(cfg: Config, blobs: list[bytes], specs: list[str], n: int)
     for b in range(0, n, batch_rows):
         t({k: v[b : b + batch_rows] for k, v in raw.items()})
     out["whole_train_transform"] = 1e3 * (clock() - t0) / n
-    ev = make_transform(cfg, train=False)
+    ev = build_transform(cfg, train=False)
     ev({k: v[:1] for k, v in raw.items()})
     t0 = clock()
     for b in range(0, n, batch_rows):

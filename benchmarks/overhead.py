@@ -43,14 +43,14 @@ def make_config(model: str, batch: int, zero_stage: int, stage: int) -> Config:
 def make_batches(cfg: Config, n_batches: int) -> list[dict[str, torch.Tensor]]:
     """Pre-decoded train batches: real images through the real TripletTransform, once, up front."""
     from galaxalign_dist.data.schemas import get_schema
-    from galaxalign_dist.launch.data import make_transform
+    from galaxalign_dist.train.model import build_transform
 
     kind = MODELS[cfg.model.name]
     schema = get_schema(common.DATASETS[kind][1])
     b = cfg.micro_batch_size
     images, labels = common.replicated(kind, n_batches * b)
     encoded = common.png_bytes(images)
-    transform = make_transform(cfg, train=True)
+    transform = build_transform(cfg, train=True)
     out = []
     for i in range(n_batches):
         sl = slice(i * b, (i + 1) * b)

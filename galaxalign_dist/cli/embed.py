@@ -16,12 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_dist.evaluation.evaluate import embed, save_embeddings
-    from galaxalign_dist.train.export import load_config, load_model
-    from galaxalign_dist.train.model import build_tokenizer
+    from galaxalign_dist.evaluation.bundle import load_bundle
+    from galaxalign_dist.evaluation.embed import embed, save_embeddings
 
-    model = load_model(args.model)
-    emb = embed(model, build_tokenizer(load_config(args.model).model), args.data, args.split, args.batch_size)
+    emb = embed(load_bundle(args.model), args.data, args.split, args.batch_size)
     save_embeddings(emb, args.out, args.split)
     print(f"wrote {len(emb.ids)} rows x {emb.image.shape[1]}-d embeddings to {args.out}")
     return 0

@@ -25,17 +25,15 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from galaxalign_dist.data import shards
-    from galaxalign_dist.evaluation.evaluate import embed
+    from galaxalign_dist.evaluation.bundle import load_bundle
+    from galaxalign_dist.evaluation.embed import embed
     from galaxalign_dist.evaluation.index import build_index
     from galaxalign_dist.paths import absolute
-    from galaxalign_dist.train.export import load_config, load_model
-    from galaxalign_dist.train.model import build_tokenizer
 
     meta = shards.read_metadata(args.data)
     splits = args.split or list(meta["splits"])
-    model = load_model(args.model)
-    tokenizer = build_tokenizer(load_config(args.model).model)
-    parts = [embed(model, tokenizer, args.data, s, args.batch_size) for s in splits]
+    bundle = load_bundle(args.model)
+    parts = [embed(bundle, args.data, s, args.batch_size) for s in splits]
     emb = np.concatenate([p.image for p in parts])
     ids = np.concatenate([p.ids for p in parts])
     labels = np.concatenate([p.labels for p in parts])

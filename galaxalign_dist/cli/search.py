@@ -18,14 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
     from galaxalign_dist.cli.index import SOURCE_FILE
-    from galaxalign_dist.data.transform import TripletTransform
+    from galaxalign_dist.evaluation.bundle import load_bundle
     from galaxalign_dist.evaluation.index import load_index, search_arrays
-    from galaxalign_dist.train.export import load_config, load_model
-    from galaxalign_dist.train.model import build_tokenizer, image_size
 
     image = Path(args.image)
     if not image.is_file():
@@ -41,22 +36,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--model is required: {source_path} does not name the model the index was built with"
         )
-    cfg = load_config(model_dir)
-    model = load_model(model_dir)
-    transform = TripletTransform(image_size(cfg.model), train=False, tokenizer=build_tokenizer(cfg.model))
-    row = {  # one-row batch in the shard layout; symbol/text are unused for the query
-        "id": np.array(["query"], dtype=object),
-        "image": np.array([image.read_bytes()], dtype=object),
-        "label": np.array([0]),
-        "text": np.array([""], dtype=object),
-        "symbol": np.array(["round"], dtype=object),
-    }
+    bundle = load_bundle(model_dir)
     try:
-        pixels = transform(row)["image"]
-    except ValueError as e:  # the transform names the row ("query"); the user knows the file
-        raise ValueError(f"query image {image}: {str(e).removeprefix('row id query: ')}") from None
-    with torch.no_grad():
-        query = model.encode_image(torch.as_tensor(pixels)).numpy()
+        query = bundle.embed_images([image.read_bytes()])
+    except ValueError as e:  # the transform names the row ("query-0"); the user knows the file
+        raise ValueError(f"query image {image}: {str(e).removeprefix('row id query-0: ')}") from None
     index = load_index(args.index)
     if query.shape[1] != index.dim:
         raise ValueError(
@@ -78,7 +62,7 @@ def _save_grid(path: str, image: Path, hits: list[tuple[str, float]], data_dir: 
     from PIL import Image
 
     from galaxalign_dist.evaluation import figures
-    from galaxalign_dist.evaluation.evaluate import thumbnails
+    from galaxalign_dist.evaluation.embed import thumbnails
 
     if not data_dir:
         raise ValueError("--grid needs the dataset the index was built from (missing in source.json)")

@@ -2,109 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from galaxalign_dist.data import shards
-from galaxalign_dist.data.reader import iter_batches
-from galaxalign_dist.data.transform import TripletTransform
 from galaxalign_dist.evaluation import figures, metrics
-from galaxalign_dist.train.export import load_config, load_model
-from galaxalign_dist.train.model import TriModalCLIP, build_tokenizer, image_size
+from galaxalign_dist.evaluation.bundle import load_bundle
+from galaxalign_dist.evaluation.embed import Embeddings, embed, save_embeddings, thumbnails
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Embeddings:
-    ids: np.ndarray  # (N,) str
-    labels: np.ndarray  # (N,) int
-    image: np.ndarray  # (N, D) L2-normalised
-    symbol: np.ndarray  # (N, D)
-    text: np.ndarray  # (N, D): each row's caption embedding
-
-
-@torch.no_grad()
-def embed(
-    model: TriModalCLIP,
-    tokenizer,  # noqa: ANN001
-    data_dir: str | Path,
-    split: str,
-    batch_size: int = 128,
-    max_rows: int | None = None,
-    progress: bool = True,
-) -> Embeddings:
-    """Embed every row of a split (eval transforms, no augmentation), streaming in bounded memory."""
-    transform = TripletTransform(
-        image_size=_model_image_size(model), train=False, tokenizer=tokenizer, keep_ids=True
-    )
-    out: dict[str, list] = {k: [] for k in ("ids", "labels", "image", "symbol", "text")}
-    n = 0
-    it = iter_batches(data_dir, split, batch_size, transform)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc=f"embed {split}", unit="batch", leave=False)
-    for batch in it:
-        out["ids"].append(np.asarray(batch["id"]))
-        out["labels"].append(batch["label"].numpy())
-        out["image"].append(model.encode_image(batch["image"]).numpy())
-        out["symbol"].append(model.encode_symbol(batch["symbol"]).numpy())
-        out["text"].append(model.encode_text(batch["tokens"]).numpy())
-        n += len(batch["label"])
-        if max_rows and n >= max_rows:
-            break
-    if n == 0:
-        raise ValueError(f"{data_dir}: split {split!r} has no rows to embed")
-    cat = {k: np.concatenate(v)[:max_rows] if max_rows else np.concatenate(v) for k, v in out.items()}
-    return Embeddings(**cat)
-
-
-def _model_image_size(model: TriModalCLIP) -> int:
-    size = model.preprocess_cfg.get("size", 224)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-def save_embeddings(emb: Embeddings, path: str | Path, split: str) -> None:
-    """id, label, split and the three modalities' embeddings as fixed-size-list float32 columns."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    def col(x: np.ndarray) -> pa.Array:
-        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), x.shape[1])
-
-    table = pa.table(
-        {
-            "id": pa.array(emb.ids.astype(str)),
-            "label": pa.array(emb.labels.astype(np.int32)),
-            "split": pa.array([split] * len(emb.ids)),
-            "image_embedding": col(emb.image),
-            "symbol_embedding": col(emb.symbol),
-            "text_embedding": col(emb.text),
-        }
-    )
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-
-
-def thumbnails(data_dir: str | Path, split: str, ids: np.ndarray, size: int = 64) -> np.ndarray:
-    """Decoded thumbnails (N, size, size, 3) for figures, in the order of `ids`."""
-    wanted = {str(i): k for k, i in enumerate(ids)}
-    thumbs = np.zeros((len(ids), size, size, 3), np.uint8)
-    for batch in shards.dataset(data_dir, split).to_batches(columns=["id", "image"]):
-        for i, data in zip(batch.column("id").to_pylist(), batch.column("image").to_pylist(), strict=True):
-            if i in wanted:
-                img = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size))
-                thumbs[wanted[i]] = np.asarray(img)
-    return thumbs
 
 
 def evaluate_model(
@@ -120,18 +31,16 @@ def evaluate_model(
     """metrics.json (heads, mAP@5, mAP) + confusion matrix, t-SNE, PCA grid and retrieval figures."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(model_dir)
-    cfg = load_config(model_dir)
-    tokenizer = build_tokenizer(cfg.model)
+    bundle = load_bundle(model_dir)
     meta = shards.read_metadata(data_dir)
     class_names = list(meta["class_names"])
     num_classes = len(class_names)
     with torch.no_grad():
-        class_text = model.encode_text(tokenizer(list(meta["captions"]))).numpy()
-    test = embed(model, tokenizer, data_dir, split, max_rows=max_test_rows)
+        class_text = bundle.embed_texts(list(meta["captions"]))
+    test = embed(bundle, data_dir, split, max_rows=max_test_rows)
     train = None
     if shards.split_files(data_dir, train_split):
-        train = embed(model, tokenizer, data_dir, train_split, max_rows=max_train_rows)
+        train = embed(bundle, data_dir, train_split, max_rows=max_train_rows)
     # Symbol prototypes come from the train split: building them from test rows would use test labels.
     proto = metrics.symbol_prototypes(train.symbol, train.labels, num_classes) if train is not None else None
     result = metrics.evaluate_embeddings(
@@ -148,7 +57,7 @@ def evaluate_model(
         data=str(data_dir),
         split=split,
         class_names=class_names,
-        image_size=image_size(cfg.model),
+        image_size=bundle.image_size,
     )
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
     save_embeddings(test, out_dir / f"embeddings_{split}.parquet", split)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import ray
 import ray.data
 
 from galaxalign_dist.config import Config
 from galaxalign_dist.data import shards
-from galaxalign_dist.data.transform import TripletTransform
-from galaxalign_dist.train.model import build_tokenizer, image_size
+from galaxalign_dist.train.model import build_transform
 
 COLUMNS = ["id", "image", "label", "text", "symbol"]
 
@@ -20,16 +22,6 @@ def quiet_data_context() -> None:
     ctx.print_on_execution_start = False
 
 
-def make_transform(cfg: Config, train: bool) -> TripletTransform:
-    return TripletTransform(
-        image_size=image_size(cfg.model),
-        train=train and cfg.data.augment,
-        tokenizer=build_tokenizer(cfg.model),
-        seed=cfg.run.seed,
-        on_bad_image=cfg.data.on_bad_image,
-    )
-
-
 def train_dataset(cfg: Config) -> ray.data.Dataset:
     """Streamed, never materialised: read tasks and transform tasks run while workers train."""
     # The filesystem shards.py resolved (local, or from an s3:// / gs:// URI with its query options)
@@ -39,5 +31,21 @@ def train_dataset(cfg: Config) -> ray.data.Dataset:
     ds = ray.data.read_parquet(files, filesystem=fs, columns=COLUMNS, shuffle="files")
     # Transform in Ray Data tasks (not on the training worker) so decode/augment overlaps compute.
     return ds.map_batches(
-        make_transform(cfg, train=True), batch_format="numpy", batch_size=cfg.micro_batch_size
+        build_transform(cfg, train=True), batch_format="numpy", batch_size=cfg.micro_batch_size
     )
+
+
+def shard_batches(shard: ray.data.DataIterator, cfg: Config) -> Callable[[int], Iterable[dict[str, Any]]]:
+    """A worker's batches for one epoch: micro batches of its Ray Data shard, locally shuffled.
+
+    drop_last + Ray's equal split: every rank yields the same number of batches, which ZeRO's
+    collectives and ray.train.report (a barrier) both need.
+    """
+    shuffle = cfg.data.shuffle_buffer if cfg.data.augment else None
+
+    def epoch_batches(epoch: int) -> Iterable[dict[str, Any]]:
+        return shard.iter_torch_batches(
+            batch_size=cfg.micro_batch_size, drop_last=True, local_shuffle_buffer_size=shuffle
+        )
+
+    return epoch_batches

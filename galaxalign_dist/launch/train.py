@@ -8,12 +8,15 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from galaxalign_dist import config as config_mod
 from galaxalign_dist.config import Config
 from galaxalign_dist.data import shards
 from galaxalign_dist.paths import RunPaths, absolute_paths, is_uri
+
+if TYPE_CHECKING:
+    from galaxalign_dist.train.trainer import TrainData
 
 log = logging.getLogger(__name__)
 
@@ -76,37 +79,23 @@ class RayReporter:
         return ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(None)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """What every Ray Train worker runs: one DeepSpeed rank."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config_mod.from_dict(loop_config["config"], validate=False)  # checked in the driver
-    from galaxalign_dist.train.engine import set_accelerator
-
-    set_accelerator(cfg.engine.use_gpu)  # before anything imports deepspeed
+def worker_data(cfg: Config) -> TrainData:
+    """This worker's batches: its Ray Data shard of the train split, and its slice of the validation split."""
     import ray.train
 
     from galaxalign_dist.data.reader import iter_batches
-    from galaxalign_dist.launch.data import make_transform
-    from galaxalign_dist.train.model import build_tokenizer
-    from galaxalign_dist.train.trainer import TrainData, Trainer
+    from galaxalign_dist.train.model import build_tokenizer, build_transform, shard_batches
+    from galaxalign_dist.train.trainer import TrainData
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     meta = shards.read_metadata(cfg.data.path)
     mb = cfg.micro_batch_size
-    shard = ray.train.get_dataset_shard("train")
-    shuffle = cfg.data.shuffle_buffer if cfg.data.augment else None
-
-    def train_batches(epoch: int):  # noqa: ANN202
-        # drop_last + Ray's equal split: every rank yields the same number of batches, which ZeRO's
-        # collectives and ray.train.report (a barrier) both need.
-        return shard.iter_torch_batches(batch_size=mb, drop_last=True, local_shuffle_buffer_size=shuffle)
-
     # Validation reads its split directly (pyarrow, rank-sharded): a few thousand rows at most.
     n_val = min(split_rows(meta, cfg.data.val_split), cfg.run.eval_max_rows)
     val_bs = max(1, min(mb, n_val // world))
     val_batches_per_rank = (n_val // world) // val_bs
-    val_transform = make_transform(cfg, train=False)
+    val_transform = build_transform(cfg, train=False)
 
     def val_batches():  # noqa: ANN202
         it = iter_batches(
@@ -120,19 +109,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         return itertools.islice(it, val_batches_per_rank)
 
-    tokenizer = build_tokenizer(cfg.model)
-    data = TrainData(
-        train=train_batches,
+    return TrainData(
+        train=shard_batches(ray.train.get_dataset_shard("train"), cfg),
         steps_per_epoch=(split_rows(meta, cfg.data.train_split) // world) // mb,
         val=val_batches if val_batches_per_rank > 0 else None,
-        class_tokens=tokenizer(list(meta["captions"])),
+        class_tokens=build_tokenizer(cfg.model)(list(meta["captions"])),
     )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any], **trainer_seams: Any) -> None:
+    """What every Ray Train worker runs: one DeepSpeed rank. `trainer_seams` go to Trainer (fault injection)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_mod.from_dict(loop_config["config"], validate=False)  # checked in the driver
+    from galaxalign_dist.train.engine import set_accelerator
+
+    set_accelerator(cfg.engine.use_gpu)  # before anything imports deepspeed
+    from galaxalign_dist.train.trainer import Trainer
+
     Trainer(
         cfg,
-        data,
+        worker_data(cfg),
         RayReporter(),
         log_dir=loop_config.get("log_dir"),
         metrics_file=loop_config.get("metrics_file"),
+        **trainer_seams,
     ).fit()
 
 

@@ -64,6 +64,19 @@ def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def read_config(ckpt_dir: str | Path) -> Config:
+    """The run config saved with a checkpoint (or an export); errors name the file."""
+    from galaxalign_dist import config as config_mod
+
+    file = Path(ckpt_dir) / CONFIG_FILE
+    try:
+        return config_mod.load(file)
+    except config_mod.ConfigError as e:
+        if str(e).startswith(str(file)):  # YAML syntax errors already name it
+            raise
+        raise config_mod.ConfigError(f"{file}: {e}") from None
+
+
 def load(engine, ckpt_dir: str | Path) -> dict[str, Any]:  # noqa: ANN001
     """Restore model, optimizer and scheduler state into an engine built for the checkpoint's stage."""
     verify_safe(ckpt_dir)

@@ -1,4 +1,4 @@
-"""Export: consolidate a ZeRO checkpoint into plain fp32 safetensors + config; load it without DeepSpeed or Ray."""
+"""Export: consolidate a ZeRO checkpoint into plain fp32 safetensors + config (loaded by evaluation.bundle)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,11 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from galaxalign_dist import config as config_mod
 from galaxalign_dist.train import checkpoint
-from galaxalign_dist.train.model import TriModalCLIP, build_model
 
 log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
@@ -25,7 +21,7 @@ def consolidate(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict from every rank's shard (DeepSpeed's zero_to_fp32 for ZeRO 1-3)."""
     ckpt_dir = Path(ckpt_dir)
     checkpoint.verify_safe(ckpt_dir)  # zero_to_fp32 unpickles fully: only after this check
-    cfg = load_config(ckpt_dir)
+    cfg = checkpoint.read_config(ckpt_dir)
     if cfg.engine.zero_stage == 0:
         # No ZeRO: rank 0's module file holds the whole model (fp32 masters when training in fp32).
         states = torch.load(ckpt_dir / checkpoint.TAG / "mp_rank_00_model_states.pt", weights_only=False)
@@ -59,40 +55,3 @@ def export(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     tmp.rename(out_dir)  # an export directory is complete or absent
     log.info("exported %s parameters to %s", f"{info['num_parameters']:,}", out_dir)
     return out_dir
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> TriModalCLIP:
-    """An exported model in eval mode: safetensors only (no pickle), strict key match."""
-    path = Path(path)
-    for name in (WEIGHTS, checkpoint.CONFIG_FILE, INFO):
-        if not (path / name).exists():
-            raise FileNotFoundError(f"{path}: not an exported galaxalign model (missing {name})")
-    cfg = load_config(path)
-    try:
-        info: dict[str, Any] = json.loads((path / INFO).read_text())
-        with_symbol_tower = bool(info["has_symbol_tower"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path / INFO}: not a valid export info file ({type(e).__name__}: {e})") from None
-    model = build_model(cfg.model, cfg.loss, with_symbol_tower=with_symbol_tower, load_pretrained=False)
-    try:
-        weights = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path / WEIGHTS}: not a readable safetensors file ({e})") from None
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:  # size mismatch / missing or unexpected keys
-        raise ValueError(
-            f"{path / WEIGHTS}: does not fit the model in {path / checkpoint.CONFIG_FILE} ({e})"
-        ) from None
-    return model.to(device).eval()
-
-
-def load_config(path: str | Path) -> config_mod.Config:
-    """The run config saved with an export (or a checkpoint); errors name the file."""
-    file = Path(path) / checkpoint.CONFIG_FILE
-    try:
-        return config_mod.load(file)
-    except config_mod.ConfigError as e:
-        if str(e).startswith(str(file)):  # YAML syntax errors already name it
-            raise
-        raise config_mod.ConfigError(f"{file}: {e}") from None

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from galaxalign_dist.config import LossConfig, ModelConfig
+from galaxalign_dist.config import Config, LossConfig, ModelConfig
+from galaxalign_dist.data.transform import TripletTransform
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,20 @@ def build_tokenizer(model_cfg: ModelConfig) -> Callable[[list[str]], torch.Tenso
     return open_clip.get_tokenizer(model_cfg.name, context_length=context_length)
 
 
+def build_transform(cfg: Config, train: bool, keep_ids: bool = False) -> TripletTransform:
+    """The one factory of the model's data transform (train: augmentation; eval: open_clip's preprocessing)."""
+    return TripletTransform(
+        image_size=image_size(cfg.model),
+        train=train and cfg.data.augment,
+        tokenizer=build_tokenizer(cfg.model),
+        seed=cfg.run.seed,
+        on_bad_image=cfg.data.on_bad_image,
+        keep_ids=keep_ids,
+    )
+
+
 def image_size(model_cfg: ModelConfig) -> int:
+    """The model's input size (the one rule: open_clip's vision config of the model or flavour)."""
     cfg = _open_clip_cfg(model_cfg.name) or {}
     size = cfg.get("vision_cfg", {}).get("image_size", 224)
     return int(size[0] if isinstance(size, (list, tuple)) else size)

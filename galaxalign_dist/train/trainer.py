@@ -19,13 +19,16 @@ import torch.distributed as dist
 from galaxalign_dist.config import Config
 from galaxalign_dist.evaluation import metrics
 from galaxalign_dist.train import checkpoint
+from galaxalign_dist.train import engine as engine_mod
 from galaxalign_dist.train.collectives import gather_no_grad, world
-from galaxalign_dist.train.engine import build_engine, full_fp32_state_dict, partition_report
-from galaxalign_dist.train.loss import TriModalLoss, pairs_for
+from galaxalign_dist.train.engine import full_fp32_state_dict, partition_report
+from galaxalign_dist.train.loss import Pair, TriModalLoss, pairs_for
 from galaxalign_dist.train.model import TriModalCLIP, build_model
+from galaxalign_dist.train.step import DTYPES, Batch, batch_to_device, forward_backward
 
 log = logging.getLogger(__name__)
-Batch = dict[str, torch.Tensor]
+EngineBuilder = Callable[[TriModalCLIP, Config, int, int], Any]  # (model, cfg, world, total_steps) -> engine
+CheckpointSaver = Callable[[Any, Config, dict[str, Any], int], str]  # (engine, cfg, state, rank) -> dir
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,14 +61,17 @@ class Trainer:
         reporter: Reporter,
         log_dir: str | None = None,
         metrics_file: str | None = None,
+        *,
+        build_engine: EngineBuilder = engine_mod.build_engine,
+        save_checkpoint: CheckpointSaver = checkpoint.save,
     ) -> None:
+        """`build_engine` and `save_checkpoint` are seams: benchmarks time or skip them, tests inject faults."""
         self.cfg, self.data, self.reporter = cfg, data, reporter
+        self.build_engine, self.save_checkpoint = build_engine, save_checkpoint
         self.rank, self.world = world()
         self.metrics_file = metrics_file if self.rank == 0 else None  # one JSON line per epoch
         self.loss_fn = TriModalLoss(cfg.loss)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            cfg.engine.precision
-        ]
+        self.dtype = DTYPES[cfg.engine.precision]
         self.step = 0  # optimizer steps over the whole run
         self.writer = None
         if log_dir and self.rank == 0 and cfg.logging.tensorboard:
@@ -112,7 +118,7 @@ class Trainer:
         else:
             # Stage 1, or stage 2 alone (ablation v2): start from the (pre)trained CLIP.
             model = build_model(self.cfg.model, self.cfg.loss, with_symbol_tower=stage == 2)
-        return build_engine(model, self.cfg, self.world, self._total_steps(stage))
+        return self.build_engine(model, self.cfg, self.world, self._total_steps(stage))
 
     def _restore(self) -> tuple[int, int, Any]:
         with self.reporter.latest_checkpoint() as ckpt_dir:
@@ -123,7 +129,7 @@ class Trainer:
             model = build_model(
                 self.cfg.model, self.cfg.loss, with_symbol_tower=stage == 2, load_pretrained=False
             )
-            engine = build_engine(model, self.cfg, self.world, self._total_steps(stage))
+            engine = self.build_engine(model, self.cfg, self.world, self._total_steps(stage))
             checkpoint.load(engine, ckpt_dir)
         self.step = int(state["step"])
         log.info("resumed from stage %d epoch %d (step %d)", stage, state["epoch"], self.step)
@@ -141,35 +147,33 @@ class Trainer:
             )
         return iter(it)
 
+    def train_step(
+        self, engine: Any, batch: Batch, pairs: tuple[Pair, ...]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro step: batch to the device, forward, gathered loss, backward, optimizer step."""
+        batch = batch_to_device(batch, engine.device, self.dtype, self.cfg.loss.use_symbols)
+        loss, parts = forward_backward(engine, self.loss_fn, batch, pairs)
+        if engine.is_gradient_accumulation_boundary():
+            self.step += 1  # optimizer steps over the whole run (DeepSpeed's count restarts per stage)
+        engine.step()
+        return loss, parts
+
     def _epoch(self, engine, stage: int, epoch: int, n_epochs: int) -> dict[str, Any]:  # noqa: ANN001
         engine.train()
-        model: TriModalCLIP = engine.module
         pairs = pairs_for(stage, self.cfg.loss)
-        use_symbols = self.cfg.loss.use_symbols
         epoch_index = epoch + (self.cfg.stages.stage1_epochs if stage == 2 else 0)
         sums: dict[str, torch.Tensor] = {}
         n_batches, samples, data_wait = 0, 0, 0.0
         t_start = t_last = time.perf_counter()
         for batch in self._batches(epoch_index):
             data_wait += time.perf_counter() - t_last
-            images = batch["image"].to(engine.device, self.dtype, non_blocking=True)
-            tokens = batch["tokens"].to(engine.device, non_blocking=True)
-            labels = batch["label"].to(engine.device, non_blocking=True)
-            symbols = (
-                batch["symbol"].to(engine.device, self.dtype, non_blocking=True) if use_symbols else None
-            )
-            out = engine(images, tokens, symbols)
-            loss, parts = self.loss_fn(out, out["logit_scale"], labels, pairs)
-            engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary():
-                self.step += 1  # optimizer steps over the whole run (DeepSpeed's count restarts per stage)
-            engine.step()
+            loss, parts = self.train_step(engine, batch, pairs)
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0) + v.float()
             n_batches += 1
-            samples += images.shape[0]
+            samples += batch["label"].shape[0]
             if n_batches % self.cfg.logging.log_every_steps == 0:
-                self._log_step(loss, parts, model)  # host sync: once per log interval only
+                self._log_step(loss, parts)  # host sync: once per log interval only
             t_last = time.perf_counter()
         if n_batches == 0:
             raise RuntimeError(
@@ -185,7 +189,7 @@ class Trainer:
         ckpt_dir = None
         if is_last or (epoch + 1) % self.cfg.run.checkpoint_every_epochs == 0:
             state = {"stage": stage, "epoch": epoch + 1, "step": self.step, "epoch_index": epoch_index + 1}
-            ckpt_dir = checkpoint.save(engine, self.cfg, state, self.rank)
+            ckpt_dir = self.save_checkpoint(engine, self.cfg, state, self.rank)
         self._log_epoch(result)
         try:
             self.reporter.report(result, ckpt_dir)
@@ -268,7 +272,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
 
-    def _log_step(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], model: TriModalCLIP) -> None:
+    def _log_step(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         if self.writer is None:
             return
         self.writer.add_scalar("train/loss_step", float(loss), self.step)

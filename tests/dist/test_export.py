@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from conftest import free_port
 from galaxalign_dist import config
 from galaxalign_dist.train import checkpoint
-from galaxalign_dist.train.export import export, load_model
+from galaxalign_dist.evaluation.bundle import load_model
+from galaxalign_dist.train.export import export
 
 WORLD = 2
 

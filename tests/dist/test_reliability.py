@@ -138,7 +138,7 @@ def test_checkpoint_with_pickled_code_is_refused_before_anything_runs(tmp_path):
 def test_exported_weights_are_safetensors_only(tmp_path):
     from safetensors.torch import save_file
 
-    from galaxalign_dist.train.export import load_model
+    from galaxalign_dist.evaluation.bundle import load_model
     from galaxalign_dist.train.model import build_model
 
     cfg = _cfg()

@@ -24,7 +24,7 @@ def _faulty_loop(loop_config: dict) -> None:
 
     faults = Path(loop_config["fault_dir"])
     rank = ray.train.get_context().get_world_rank()
-    real_batches, real_save = trainer.Trainer._batches, checkpoint.save
+    real_batches = trainer.Trainer._batches
 
     def batches(self, epoch_index):  # noqa: ANN001, ANN202
         for i, batch in enumerate(real_batches(self, epoch_index)):
@@ -42,11 +42,10 @@ def _faulty_loop(loop_config: dict) -> None:
             engine.save_checkpoint(tempfile.mkdtemp(), tag=checkpoint.TAG)
             (faults / "killed_in_save").touch()
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_save(engine, cfg, state, rank_, ckpt_dir)
+        return checkpoint.save(engine, cfg, state, rank_, ckpt_dir)
 
     trainer.Trainer._batches = batches
-    checkpoint.save = save
-    train_loop_per_worker(loop_config)
+    train_loop_per_worker(loop_config, save_checkpoint=save)
 
 
 @pytest.mark.timeout(900)

@@ -19,7 +19,7 @@ from galaxalign_dist.data import shards
 from galaxalign_dist.data.prepare import prepare
 from galaxalign_dist.data.reader import iter_batches
 from galaxalign_dist.data.transform import TripletTransform
-from galaxalign_dist.evaluation.evaluate import thumbnails
+from galaxalign_dist.evaluation.embed import thumbnails
 from galaxalign_dist.launch.train import ensure_dataset
 from galaxalign_dist.paths import absolute_paths, is_uri
 
