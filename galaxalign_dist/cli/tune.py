@@ -29,20 +29,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_dist.launch import tune as tune_mod
+    from galaxalign_dist.launch.tune_space import load_base, load_spec, sample_point
 
-    spec = tune_mod.load_spec(args.config, args.overrides)  # a typo'd key fails here, before Ray starts
+    spec = load_spec(args.config, args.overrides)  # a typo'd key fails here, before Ray starts
     if args.check:
         from galaxalign_dist.launch.train import check
 
-        sample = tune_mod.sample_point(spec)
-        check(tune_mod.load_base(spec.base_config, spec.overrides))
+        sample = sample_point(spec)
+        check(load_base(spec.base_config, spec.overrides))
         print(
             f"search space OK: {len(spec.space)} searched keys, {spec.num_samples} samples, {spec.scheduler} on {spec.metric}"
         )
         print(f"a sampled point builds a valid run config: {sample}")
         return 0
-    outcome = tune_mod.run_search(spec, args.out)
+    from galaxalign_dist.launch.tune_run import run_search
+
+    outcome = run_search(spec, args.out)
     rows, best, out = outcome["rows"], outcome["best"], outcome["out"]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "failed", "no result")}
     print()

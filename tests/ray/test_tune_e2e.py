@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from galaxalign_dist import config
-from galaxalign_dist.launch import tune as tune_mod
+from galaxalign_dist.launch.tune_run import run_search
+from galaxalign_dist.launch.tune_space import load_spec
 
 pytestmark = [pytest.mark.slow]
 
@@ -25,7 +26,7 @@ def ray_local():
     import ray
 
     # run_search starts the local Ray itself (with its dashboard: Train V2 frees a stopped run's placement
-    # group through the State API it serves, DESIGN.md); the test then inspects that instance.
+    # group through the State API it serves); the test then inspects that instance.
     yield ray
     ray.shutdown()
 
@@ -51,7 +52,7 @@ def _released(ray, timeout_s: float = 90.0) -> tuple[bool, dict]:
 def test_smoke_search_end_to_end(ray_local, tmp_path):
     from galaxalign_dist.launch.train import build_trainer, check
 
-    spec = tune_mod.load_spec(
+    spec = load_spec(
         ROOT / "tune" / "smoke_cpu.yaml",
         {
             "data.path": str(tmp_path / "data"),
@@ -62,7 +63,7 @@ def test_smoke_search_end_to_end(ray_local, tmp_path):
     )
     out = tmp_path / "search"
     t0 = time.perf_counter()
-    outcome = tune_mod.run_search(spec, str(out))
+    outcome = run_search(spec, str(out))
     wall = time.perf_counter() - t0
     print(f"smoke search: {wall:.0f} s")  # noqa: T201 - shown with pytest -s, quoted in docs/tune.md
     rows = outcome["rows"]

@@ -14,7 +14,7 @@ import yaml
 
 from galaxalign_dist import config
 from galaxalign_dist.config import ConfigError
-from galaxalign_dist.launch import tune as tune_mod
+from galaxalign_dist.launch import tune_report, tune_run, tune_samplers, tune_space
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACES = sorted((ROOT / "tune").glob("*.yaml"))
@@ -41,7 +41,7 @@ def _spec(**changes):
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
-    return tune_mod.spec_from_dict(raw)
+    return tune_space.spec_from_dict(raw)
 
 
 # ----------------------------------------------------------------------------- tune/*.yaml
@@ -54,29 +54,29 @@ def test_there_are_search_spaces():
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
 def test_every_space_parses_and_a_sampled_point_builds_a_config(path):
-    spec = tune_mod.load_spec(path)
+    spec = tune_space.load_spec(path)
     known = config.flat_keys()
     assert set(spec.space) <= set(known) and set(spec.overrides) <= set(known)
-    cfg = tune_mod.validate_spec(spec)  # builds a trial Config from a sampled point
-    point = tune_mod.sample_point(spec)
+    cfg = tune_space.check_spec(spec)  # builds a trial Config from a sampled point
+    point = tune_space.sample_point(spec)
     for key, value in point.items():
         section, _, leaf = key.rpartition(".")
         node = cfg
         for part in section.split("."):
             node = getattr(node, part)
         assert getattr(node, leaf) == pytest.approx(value), key
-    trial = tune_mod.trial_config(spec.base_dict(), point, "trial_x", "/tmp/search/trials")
+    trial = tune_run.trial_config(spec.base_dict(), point, "trial_x", "/tmp/search/trials")
     assert trial.run.name == "trial_x" and trial.run.out_dir == "/tmp/search/trials"
     if spec.scheduler == "asha":
         # Stage boundaries: no trial may be stopped inside its warm-up.
-        assert spec.grace_period >= tune_mod.max_stage1_epochs(
-            spec, tune_mod.load_base(spec.base_config, spec.overrides)
+        assert spec.grace_period >= tune_space.max_stage1_epochs(
+            spec, tune_space.load_base(spec.base_config, spec.overrides)
         )
 
 
 def test_gpu_spaces_are_paper_scale():
     for name, base in (("galaxy10_gpu", "galaxy10_vitb16"), ("galaxymnist_gpu", "galaxymnist_convnext")):
-        spec = tune_mod.load_spec(ROOT / "tune" / f"{name}.yaml")
+        spec = tune_space.load_spec(ROOT / "tune" / f"{name}.yaml")
         assert spec.base_config == base and spec.algorithm == "optuna" and spec.scheduler == "asha"
         assert spec.metric == "val_f1" and spec.num_samples == 32
         assert spec.space["stages.stage1_epochs"].values == [2, 5, 10, 15]
@@ -87,10 +87,10 @@ def test_gpu_spaces_are_paper_scale():
 
 
 def test_smoke_space_is_small():
-    spec = tune_mod.load_spec(ROOT / "tune" / "smoke_cpu.yaml")
-    base = tune_mod.load_base(spec.base_config, spec.overrides)
+    spec = tune_space.load_spec(ROOT / "tune" / "smoke_cpu.yaml")
+    base = tune_space.load_base(spec.base_config, spec.overrides)
     assert spec.num_samples == 4 and spec.max_concurrent_trials == 1
-    assert tune_mod.max_total_epochs(spec, base) <= 2
+    assert tune_space.max_total_epochs(spec, base) <= 2
     assert 800 <= base.data.prepare_n <= 1500 and 32 <= base.data.batch_size <= 64
     assert base.model.name == "tiny" and not base.engine.use_gpu
 
@@ -108,17 +108,17 @@ def test_smoke_space_is_small():
     ],
 )
 def test_samplers_map_to_ray_tune(text, domain, sampler):
-    d = tune_mod.parse_sampler("k", text).to_tune()
+    d = tune_samplers.parse_sampler("k", text).to_tune()
     assert type(d).__name__ == domain and type(d.sampler).__name__ == sampler
 
 
 def test_sampler_arguments_and_grid():
-    s = tune_mod.parse_sampler("k", "loguniform(1.0e-5, 1.0e-3)")
+    s = tune_samplers.parse_sampler("k", "loguniform(1.0e-5, 1.0e-3)")
     assert s.args == (1e-5, 1e-3)
     d = s.to_tune()
     assert (d.lower, d.upper) == (1e-5, 1e-3)
-    assert tune_mod.parse_sampler("k", "grid(['a', 'b'])").to_tune() == {"grid_search": ["a", "b"]}
-    assert tune_mod.parse_sampler("k", "randint(1, 5)").to_tune().upper == 5  # exclusive, as in Ray
+    assert tune_samplers.parse_sampler("k", "grid(['a', 'b'])").to_tune() == {"grid_search": ["a", "b"]}
+    assert tune_samplers.parse_sampler("k", "randint(1, 5)").to_tune().upper == 5  # exclusive, as in Ray
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def test_sampler_arguments_and_grid():
 )
 def test_bad_samplers_are_rejected_without_eval(text, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        tune_mod.parse_sampler("optim.lr.image", text)
+        tune_samplers.parse_sampler("optim.lr.image", text)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -194,7 +194,7 @@ def test_bad_spaces_fail_before_ray_naming_the_key(changes, message):
 def test_set_pairs_address_search_keys_and_pin_run_keys(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(SMOKE))
-    spec = tune_mod.load_spec(
+    spec = tune_space.load_spec(
         path,
         [
             "num_samples=3",
@@ -210,7 +210,7 @@ def test_set_pairs_address_search_keys_and_pin_run_keys(tmp_path):
     assert "stages.stage1_epochs" not in spec.space and spec.overrides["stages.stage1_epochs"] == 1
     assert spec.overrides["data.prepare_n"] == 900
     with pytest.raises(ConfigError, match=re.escape("space.optim.lr.imge: not a run-config field")):
-        tune_mod.load_spec(path, ["space.optim.lr.imge=loguniform(1e-4, 1e-3)"])
+        tune_space.load_spec(path, ["space.optim.lr.imge=loguniform(1e-4, 1e-3)"])
 
 
 def test_cli_check_rejects_a_typo_with_one_line(tmp_path, capsys):
@@ -230,7 +230,7 @@ def test_cli_check_rejects_a_typo_with_one_line(tmp_path, capsys):
 @pytest.mark.timeout(120)
 def test_summary_table_best_config_and_plot(tmp_path):
     spec = _spec()
-    base_cfg = tune_mod.load_base(spec.base_config, spec.overrides)
+    base_cfg = tune_space.load_base(spec.base_config, spec.overrides)
     rows = [
         {
             "trial": "trial_a",
@@ -266,9 +266,9 @@ def test_summary_table_best_config_and_plot(tmp_path):
             "error": "",
         },
     ]
-    rows = tune_mod.sort_rows(rows, "val_f1", "max")
+    rows = tune_report.sort_rows(rows, "val_f1", "max")
     assert [r["trial"] for r in rows] == ["trial_c", "trial_a", "trial_b"]
-    best = tune_mod.write_summary(rows, spec, base_cfg.to_dict(), base_cfg, tmp_path)
+    best = tune_report.write_summary(rows, spec, base_cfg.to_dict(), base_cfg, tmp_path)
     assert best["trial"] == "trial_c"
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
@@ -374,7 +374,7 @@ def test_commands_in_cluster_files_reference_real_configs_and_keys(path):
                     assert (ROOT / value).exists(), f"{path.name}: no search space {value}"
             if flag == "--set":
                 key = value.split("=", 1)[0]
-                search_key = key.split(".", 1)[0] in tune_mod.TOP_LEVEL
+                search_key = key.split(".", 1)[0] in tune_space.TOP_LEVEL
                 assert key in known or (sub == "tune" and search_key), f"{path.name}: --set {key}"
     if path.name != "runtime_env.yaml":
         assert cmds, f"{path.name} shows no galaxalign command"
