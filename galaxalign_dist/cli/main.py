@@ -27,10 +27,6 @@ COMMANDS: list[tuple[str, str]] = [
 ]
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed as one clear line, exit code 2, no traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="galaxalign",
@@ -40,12 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS:
-        try:
-            module = importlib.import_module(f"galaxalign_dist.cli.{module_name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"galaxalign_dist.cli.{module_name}":
-                raise
-            continue  # subcommand not built yet
+        module = importlib.import_module(f"galaxalign_dist.cli.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -61,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args._run(args) or 0)
-    except (UserError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
         # Input problems (bad config key, missing file, bad row, a bucket we may not read) are the
         # user's to fix: one line, even when a library's message spans several (YAML marks, torch's
         # state_dict report).

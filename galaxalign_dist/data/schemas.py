@@ -107,7 +107,7 @@ def _schema(name: str, rows: list[tuple[str, str, str]]) -> ClassSchema:
     return ClassSchema(name, tuple(GalaxyClass(i, k, n, s) for i, (k, n, s) in enumerate(rows)))
 
 
-# Order is the published label order of each dataset (DESIGN.md); never reorder.
+# Order is the published label order of each dataset (docs/design.md#datasets-and-class-order); never reorder.
 GALAXY10 = _schema(
     "galaxy10",
     [

@@ -189,6 +189,21 @@ def _canonical(spec: str, size: int) -> np.ndarray:
     return out
 
 
+# Line widths of the pre-rendered variants of a symbol (data/symbol_bank.py); the middle one is canonical.
+VARIANT_LINE_WIDTHS = (0.85, 1.0, 1.2)
+
+
+def render_variant(spec: str, size: int, variant: int) -> np.ndarray:
+    """Upright, unshifted symbol `variant` of `spec` (line width VARIANT_LINE_WIDTHS[variant]; irregular shapes
+    get a fixed per-variant jitter) as uint8 (size, size, 3). The canonical variant equals render_symbol's."""
+    lw = VARIANT_LINE_WIDTHS[variant]
+    canonical = variant == VARIANT_LINE_WIDTHS.index(1.0)
+    jit = [0.0] * 4 if canonical else np.random.default_rng([7, variant]).normal(0, 0.04, 4).tolist()
+    if canonical:
+        return render_symbol(spec, size)
+    return _render(spec, int(size), (0.0, 1.0, 0.0, 0.0, 0.0, lw, *jit))
+
+
 def render_symbol(
     spec: str, size: int = 64, rng: np.random.Generator | None = None, augment: bool = False
 ) -> np.ndarray:

@@ -248,7 +248,7 @@ def evaluate_embeddings(
     probe_C: float = 1.0,
     block_size: int = 1024,
 ) -> dict:
-    """All evaluation metrics for one set of embeddings (see DESIGN.md evaluation protocol).
+    """All evaluation metrics for one set of embeddings (docs/design.md#evaluation-protocol).
 
     Heads: ``text`` (zero-shot vs caption embeddings ``class_text`` (C, D)), ``symbol`` (vs
     ``class_symbol_proto`` from :func:`symbol_prototypes`), ``fused`` (:func:`fused_prototypes`)

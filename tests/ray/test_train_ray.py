@@ -17,7 +17,7 @@ def ray_local():
     import ray
 
     # 4 logical CPUs on a 2-core host: 2 workers x 0.5 CPU leave room for Ray Data's read/transform
-    # tasks, which otherwise starve and hang the run (DESIGN.md).
+    # tasks, which otherwise starve and hang the run (docs/design.md#ray-on-small-hosts).
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
