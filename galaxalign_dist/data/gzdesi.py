@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from galaxalign_dist.data.catalog_io import as_text
 from galaxalign_dist.data.schemas import caption, get_schema
 
 # The GZ DESI decision tree's questions and answers, spelled as galaxy-datasets'
@@ -352,7 +353,8 @@ def count_reasons(result: dict[str, pa.Array]) -> dict[str, int]:
 
 
 def image_relpath(dr8_id: pa.Array) -> pa.Array:
-    """`{brickid}_{objid}` -> `{brickid}/{brickid}_{objid}.jpg`, the GZ DESI image layout."""
+    """`{brickid}_{objid}` -> `{brickid}/{brickid}_{objid}.jpg`, the GZ DESI image layout (as string)."""
+    dr8_id = as_text(dr8_id)  # large_string (pandas 3, polars), dictionary, string_view or integer ids
     brick = pc.list_element(pc.split_pattern(dr8_id, "_", max_splits=1), 0)
     return pc.binary_join_element_wise(pc.binary_join_element_wise(brick, dr8_id, "/"), ".jpg", "")
 

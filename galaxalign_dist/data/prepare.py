@@ -1,9 +1,7 @@
-"""`prepare`: stream any SOURCE into validated Parquet shards (train/test) plus metadata.json."""
+"""`prepare`: stream any SOURCE into validated Parquet shards (train/test) plus _metadata.json."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
 from collections import Counter
@@ -13,67 +11,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 from tqdm import tqdm
 
 from galaxalign_dist.data import shards
-from galaxalign_dist.data.sources import Chunk, Source, SourceOptions, open_source
+from galaxalign_dist.data.gzdesi_prepare import prepare_gzdesi
+from galaxalign_dist.data.gzdesi_runners import Runner
+from galaxalign_dist.data.images import MAX_LISTED_SKIPS, check_image, encode_png
+from galaxalign_dist.data.options import GZDESI, PrepareOptions
+from galaxalign_dist.data.sources import Chunk, Source, open_source, parse_source
+from galaxalign_dist.data.splits import hash_split
 
 log = logging.getLogger(__name__)
-
-# torchvision.io.decode_image (used by data.TripletTransform) reads these; other formats are re-encoded.
-PASSTHROUGH_FORMATS = {"JPEG", "PNG", "WEBP"}
-MAX_LISTED_SKIPS = 1000  # metadata lists the first skipped rows; the count is always exact
-MAPPING_KEYS = {"id_column", "path_column", "label_column", "split_column", "class_names", "class_symbols"}
-# Options of the gzdesi: form only (see gzdesi_prepare.prepare_gzdesi).
-GZDESI_KEYS = set("gz_schema caption_mode symbol_mode on_uncertain rows_per_shard workers use_ray".split())
-
-
-def parse_mapping(text: str | dict[str, str] | None, option: str) -> dict[str, str] | None:
-    """'a=b,c=d' -> {'a': 'b', 'c': 'd'} (used by --class-names / --class-symbols)."""
-    if text is None or isinstance(text, dict):
-        return text
-    out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"{option}: expected KEY=VALUE[,KEY=VALUE...], got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def hash_split(ids: list[str], seed: int, test_fraction: float) -> list[str]:
-    """'test' for ids whose seeded hash falls below test_fraction, else 'train'.
-
-    A function of (seed, id) only: the same galaxy lands in the same split however the source
-    is ordered, chunked or filtered, and no pass over all rows is needed. Class fractions match
-    test_fraction in expectation (binomial scatter per class, ~sqrt(n_class * f) rows).
-    """
-    out = []
-    for i in ids:
-        h = int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little")
-        out.append("test" if h / 2.0**64 < test_fraction else "train")
-    return out
-
-
-def _encode_png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    # compress_level=1: ~3x faster than the default 6 and, on noisy sky images, no bigger (measured).
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def _check_image(data: bytes) -> tuple[bytes, tuple[int, int] | None, str, str | None]:
-    """Fully decode one encoded image: (bytes to store, (H, W), stored format, problem or None)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # verify() alone misses truncated JPEG data
-            size = (im.height, im.width)
-            if im.format in PASSTHROUGH_FORMATS:
-                return data, size, im.format, None
-            return _encode_png(np.asarray(im.convert("RGB"))), size, "PNG", None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
-        return data, None, "", f"image does not decode ({type(e).__name__}: {e})"
 
 
 class _Preparer:
@@ -125,14 +73,14 @@ class _Preparer:
         m = len(chunk.ids)
         problems = dict(chunk.problems)
         if chunk.images is not None:
-            images = list(self.pool.map(_encode_png, chunk.images))
+            images = list(self.pool.map(encode_png, chunk.images))
             self.sizes[tuple(chunk.images.shape[1:3])] += m
             self.formats["PNG"] += m
         else:
             images = [None] * m
             todo = [i for i in range(m) if i not in problems]
             for i, (data, size, fmt, problem) in zip(
-                todo, self.pool.map(_check_image, [chunk.image_bytes[i] for i in todo]), strict=True
+                todo, self.pool.map(check_image, [chunk.image_bytes[i] for i in todo]), strict=True
             ):
                 if problem:
                     problems[i] = problem
@@ -180,78 +128,48 @@ class _Preparer:
 def prepare(
     source: str,
     out: str | Path,
+    options: PrepareOptions | None = None,
     *,
-    image_root: str | Path | None = None,
-    schema: str | None = None,
-    n: int | None = None,
-    seed: int = 0,
-    size: int | None = None,
-    test_fraction: float = 0.2,
-    skip_bad: bool = False,
-    rows_per_file: int | None = None,
-    file_bytes: int = shards.DEFAULT_FILE_BYTES,
-    row_group_rows: int = shards.DEFAULT_ROW_GROUP_ROWS,
-    overwrite: bool = False,
-    progress: bool = True,
-    **mapping: Any,
+    runner: Runner | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """Convert SOURCE (`galaxy10:FILE.h5`, `galaxymnist:DIR|FILE`, `catalog:FILE`, `folder:DIR`,
-    `synthetic:SCHEMA`) into a shard directory at `out`; returns the metadata written.
+    `synthetic:SCHEMA`, `gzdesi:CATALOGUE`) into a shard directory at `out`; returns the metadata written.
 
-    `n` caps the number of rows (synthetic: how many to draw); `size` is the synthetic image size.
-    `mapping` holds catalogue/folder options: id_column, path_column, label_column, split_column,
-    class_names and class_symbols ('key=value,...' strings or dicts, for schema 'auto').
-    `gzdesi:CATALOGUE.parquet` goes to gzdesi_prepare.prepare_gzdesi (resumable; GZDESI_KEYS options).
-    `out` is a local (or shared-filesystem) directory; a URI is refused (prepare locally, then copy).
+    Options (options.py) come as `options` and/or keyword arguments by field name, e.g.
+    `prepare("synthetic:galaxymnist", out, n=640, seed=0)`; an option given for a form it does not
+    apply to is an error. `gzdesi:` goes to gzdesi_prepare.prepare_gzdesi (resumable; shards run by
+    `runner`). `out` is a local (or shared-filesystem) directory; a URI is refused (prepare locally,
+    then copy).
     """
     shards.check_local_output(out)  # before Path(): it would fold s3://b/x into the local s3:/b/x
-    if source.lower().startswith("gzdesi:"):
+    opts = PrepareOptions.from_flat(options, **kwargs)
+    form, arg = parse_source(source)
+    if form == GZDESI:
         # 8.7M rows take hours: resumable per-shard output, not one temporary directory (docs/gzdesi_scale.md).
-        from galaxalign_dist.data.gzdesi_prepare import prepare_gzdesi
-
-        return prepare_gzdesi(
-            source.partition(":")[2], out, image_root=image_root, schema=schema, n=n, seed=seed,
-            test_fraction=test_fraction, skip_bad=skip_bad, row_group_rows=row_group_rows,
-            overwrite=overwrite, progress=progress, size=size, rows_per_file=rows_per_file, **mapping,
-        )  # fmt: skip
-    gz_only = sorted(k for k in GZDESI_KEYS if mapping.pop(k, None) is not None)
-    if gz_only:
-        raise ValueError(f"options {gz_only} apply to gzdesi: sources only")
-    unknown = set(mapping) - MAPPING_KEYS
-    if unknown:
-        raise ValueError(f"unknown prepare options {sorted(unknown)}; known: {sorted(MAPPING_KEYS)}")
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    if n is not None and n < 1:
-        raise ValueError(f"n must be positive, got {n}")
-    if size is not None and not source.lower().startswith("synthetic:"):
-        raise ValueError("size applies to synthetic sources only (images are resized at training time)")
-    mapping["class_names"] = parse_mapping(mapping.get("class_names"), "--class-names")
-    mapping["class_symbols"] = parse_mapping(mapping.get("class_symbols"), "--class-symbols")
-    schema = schema.lower() if schema else None
+        return prepare_gzdesi(arg, out, opts, runner=runner)
+    opts.check_form(form)
     out = Path(out)
-    shards.check_output_dir(out, overwrite)  # before any work: fail in a second, not after an hour
-    opts = SourceOptions(
-        image_root=Path(image_root) if image_root else None,
-        schema=schema,
-        n=n,
-        seed=seed,
-        size=size,
-        **mapping,
-    )
+    shards.check_output_dir(out, opts.overwrite)  # before any work: fail in a second, not after an hour
     src = open_source(source, opts)
+    n, seed, test_fraction = opts.n, opts.seed, opts.test_fraction
     total = min(src.total, n) if src.total is not None and n is not None else (src.total or n)
     symbols = [c.symbol for c in src.schema.classes]
     if len(set(symbols)) < len(symbols):
         log.warning("classes share symbols %s: pass --class-symbols KEY=SPEC,... to tell them apart", symbols)
 
     schema_arrow = shards.arrow_schema(src.extra_fields)
-    kw = dict(rows_per_file=rows_per_file, file_bytes=file_bytes, row_group_rows=row_group_rows)
-    with shards.atomic_output_dir(out, overwrite) as tmp, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    kw = dict(
+        rows_per_file=opts.rows_per_file, file_bytes=opts.file_bytes, row_group_rows=opts.row_group_rows
+    )
+    with (
+        shards.atomic_output_dir(out, opts.overwrite) as tmp,
+        ThreadPoolExecutor(os.cpu_count() or 1) as pool,
+    ):
         writers = {s: shards.ShardWriter(tmp / s, schema_arrow, **kw) for s in shards.SPLITS}
-        prep = _Preparer(src, skip_bad, seed, test_fraction, pool)
+        prep = _Preparer(src, opts.skip_bad, seed, test_fraction, pool)
         seen = 0
-        with tqdm(total=total, unit="img", desc=f"prepare {out.name}", disable=not progress) as bar:
+        with tqdm(total=total, unit="img", desc=f"prepare {out.name}", disable=not opts.progress) as bar:
             for chunk in src.chunks():
                 if n is not None and seen + len(chunk.ids) > n:
                     chunk = _head(chunk, n - seen)
@@ -272,7 +190,10 @@ def prepare(
             )
         if prep.n_skipped:
             log.warning(
-                "skipped %d of %d rows with unusable images (listed in metadata.json)", prep.n_skipped, seen
+                "skipped %d of %d rows with unusable images (listed in %s)",
+                prep.n_skipped,
+                seen,
+                shards.METADATA_FILE,
             )
         meta = _metadata(source, src, prep, writers, schema_arrow, seed=seed, test_fraction=test_fraction)
         shards.write_metadata(tmp, meta)  # last: its presence marks the dataset complete

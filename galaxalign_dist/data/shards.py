@@ -1,77 +1,66 @@
-"""Parquet shard format of a prepared dataset: Arrow schema, rotating shard writer, atomic output, readers.
+"""Writing prepared datasets: the rotating Parquet shard writer, atomic output directories, subsets.
 
-A prepared dataset is a directory::
-
-    OUT/metadata.json               written last: its presence marks the dataset complete
-    OUT/train/part-00000.parquet    one row per galaxy, files rotated at ~128 MB
-    OUT/test/part-00000.parquet
-
-Columns (see docs/data_format.md): ``id`` string, ``image`` binary (encoded PNG for pixel
-arrays, the original JPEG/PNG bytes for image files), ``label`` int32, ``class_name`` string,
-``text`` string (the caption), ``symbol`` string (symbol spec, see schemas.py), plus optional
-extra columns (``ra``, ``dec``, ...). Row groups hold ``row_group_rows`` rows (default 256) so a
-reader streams a dataset in bounded memory. Output is written to ``OUT.tmp-XXXX`` and renamed
-to ``OUT`` only when complete, so a failed or interrupted prepare never leaves a dataset that
-looks complete.
-
-Readers (read_metadata, split_files, check_split_files, dataset) take a local path or a URI that
-pyarrow opens (``s3://``, ``gs://``, ``file://``, ...: ``pyarrow.fs.FileSystem.from_uri``, credentials
-from the environment); writers take local paths only (prepare locally, then copy to object storage).
+The format (columns, metadata file) is in format.py; readers of local paths and URIs are in store.py.
+Both are re-exported here, where callers have always found them. Output is written to ``OUT.tmp-XXXX``
+and renamed to ``OUT`` only when complete, so a failed or interrupted prepare never leaves a dataset
+that looks complete. Row groups hold ``row_group_rows`` rows (default 256) so a reader streams a
+dataset in bounded memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from galaxalign_dist.data.schemas import ClassSchema, GalaxyClass
+from galaxalign_dist.data.format import (
+    ARROW_SCHEMA,
+    FORMAT_VERSION,
+    LEGACY_METADATA_FILE,
+    METADATA_FILE,
+    METADATA_FILES,
+    SPLITS,
+    arrow_schema,
+    dataset_metadata,
+    schema_from_metadata,
+)
+from galaxalign_dist.data.options import DEFAULT_FILE_BYTES, DEFAULT_ROW_GROUP_ROWS
+from galaxalign_dist.data.splits import id_hash
+from galaxalign_dist.data.store import (
+    _fs_and_path,
+    _shown,
+    check_split_files,
+    dataset,
+    is_prepared,
+    read_metadata,
+    split_files,
+    split_paths,
+)
 from galaxalign_dist.paths import is_uri
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "test")
-METADATA_FILE = "metadata.json"
-
-ARROW_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),
-        pa.field("label", pa.int32(), nullable=False),
-        pa.field("class_name", pa.string(), nullable=False),
-        pa.field("text", pa.string(), nullable=False),
-        pa.field("symbol", pa.string(), nullable=False),
-    ]
-)
+__all__ = [  # the names callers import from here (format.py and store.py names included)
+    "ARROW_SCHEMA", "DEFAULT_FILE_BYTES", "DEFAULT_ROW_GROUP_ROWS", "DICTIONARY_COLUMNS", "FORMAT_VERSION",
+    "LEGACY_METADATA_FILE", "METADATA_FILE", "METADATA_FILES", "SPLITS", "OutputExistsError", "ShardWriter",
+    "_fs_and_path", "_shown", "arrow_schema", "atomic_output_dir", "check_local_output", "check_output_dir",
+    "check_split_files", "dataset", "dataset_metadata", "is_prepared", "read_metadata", "schema_from_metadata",
+    "split_files", "split_paths", "write_metadata", "write_subset",
+]  # fmt: skip
 
 # Images are already compressed (PNG/JPEG): compressing them again costs CPU for ~nothing,
 # while the few distinct class_name/text/symbol strings shrink to almost nothing as dictionaries.
 DICTIONARY_COLUMNS = ["class_name", "text", "symbol"]
-DEFAULT_FILE_BYTES = 128 * 2**20
-DEFAULT_ROW_GROUP_ROWS = 256
-
-
-def arrow_schema(extra_fields: list[pa.Field] | None = None) -> pa.Schema:
-    """The shard schema with optional extra columns appended (always nullable)."""
-    schema = ARROW_SCHEMA
-    for f in extra_fields or []:
-        if f.name in schema.names:
-            raise ValueError(f"extra column {f.name!r} clashes with a required column")
-        schema = schema.append(f.with_nullable(True))
-    return schema
 
 
 class ShardWriter:
@@ -219,52 +208,11 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def dataset_metadata(
-    schema: ClassSchema,
-    *,
-    source: str,
-    source_description: str,
-    columns: list[str],
-    image_size: list[int] | None,
-    image_formats: dict[str, int],
-    split_method: str,
-    seed: int,
-    test_fraction: float,
-    splits: dict[str, dict[str, Any]],
-    skipped: dict[str, Any],
-) -> dict[str, Any]:
-    """The common keys of metadata.json (docs/data_format.md), for every writer of prepared datasets."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source,
-        "source_description": source_description,
-        "schema": schema.name,
-        "classes": [
-            {"index": c.index, "key": c.key, "name": c.name, "caption": c.caption, "symbol": c.symbol}
-            for c in schema.classes
-        ],
-        "class_names": schema.class_names,
-        "captions": schema.captions,
-        "symbols": [c.symbol for c in schema.classes],
-        "columns": columns,
-        "image_size": image_size,  # [H, W]; None if sizes vary
-        "image_formats": image_formats,
-        "split_method": split_method,
-        "seed": seed,
-        "test_fraction": test_fraction,
-        "num_rows": sum(s["rows"] for s in splits.values()),
-        "splits": splits,
-        "skipped": skipped,
-    }
-
-
 def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
+    """Write the dataset's metadata file (last: its presence marks the dataset complete)."""
     path = Path(directory) / METADATA_FILE
     path.write_text(json.dumps(metadata, indent=2, sort_keys=False) + "\n")
-
-
-# ----------------------------------------------------------------------------- local paths and URIs
+    (Path(directory) / LEGACY_METADATA_FILE).unlink(missing_ok=True)  # one metadata file, never two
 
 
 def check_local_output(out: str | Path) -> None:
@@ -277,148 +225,6 @@ def check_local_output(out: str | Path) -> None:
         )
 
 
-def _fs_and_path(directory: str | Path) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem holding `directory` and its path inside it.
-
-    A URI goes through ``pyarrow.fs.FileSystem.from_uri`` (credentials and region from the environment,
-    as pyarrow and Ray resolve them); anything else is a local path on the LocalFileSystem.
-    """
-    if not is_uri(directory):
-        return pafs.LocalFileSystem(), str(Path(directory))
-    try:
-        fs, path = pafs.FileSystem.from_uri(str(directory))
-    except (pa.ArrowException, ValueError) as e:
-        raise ValueError(f"{directory}: not a URI pyarrow can open ({e})") from None
-    return fs, path.rstrip("/") or path
-
-
-def _join(path: str, *parts: str) -> str:
-    """`parts` below a filesystem path (pyarrow paths always use '/')."""
-    return "/".join([path.rstrip("/"), *parts])
-
-
-def _shown(directory: str | Path, *parts: str) -> str:
-    """How messages and split_files name a path below `directory`: a local path as pathlib writes it,
-    a URI with `parts` appended to its path (its query, e.g. ``?region=...``, kept)."""
-    if not is_uri(directory):
-        return str(Path(directory, *parts))
-    u = urlsplit(str(directory))
-    return urlunsplit(u._replace(path=_join(u.path, *parts)))
-
-
-def _basename(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
-
-
-# ----------------------------------------------------------------------------- readers
-
-
-def is_prepared(directory: str | Path) -> bool:
-    """Whether `directory` (a local path or URI) holds a ``metadata.json``, i.e. a finished prepare."""
-    fs, root = _fs_and_path(directory)
-    return fs.get_file_info(_join(root, METADATA_FILE)).type != pafs.FileType.NotFound
-
-
-def read_metadata(directory: str | Path) -> dict[str, Any]:
-    """Load ``metadata.json`` of a prepared dataset, with a clear error if it is missing or invalid."""
-    fs, root = _fs_and_path(directory)
-    path = _shown(directory, METADATA_FILE)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        hint = "prepare it locally and copy it there" if is_uri(directory) else "run `galaxalign prepare`"
-        raise FileNotFoundError(f"dataset directory {_shown(directory)} does not exist ({hint})")
-    if fs.get_file_info(_join(root, METADATA_FILE)).type != pafs.FileType.File:
-        raise FileNotFoundError(
-            f"{_shown(directory)} is not a prepared dataset: no {METADATA_FILE} (run `galaxalign prepare`; "
-            "a *.tmp-* directory is an unfinished prepare)"
-        )
-    with fs.open_input_stream(_join(root, METADATA_FILE)) as f:
-        raw = f.read()
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    missing = [k for k in ("format_version", "schema", "classes", "splits") if k not in meta]
-    if not isinstance(meta, dict) or missing:
-        raise ValueError(f"{path} is not a galaxalign dataset metadata file (missing {missing})")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format version {meta['format_version']} is newer than this galaxalign_dist "
-            f"supports ({FORMAT_VERSION}); upgrade galaxalign_dist"
-        )
-    return meta
-
-
-def schema_from_metadata(meta: dict[str, Any]) -> ClassSchema:
-    """The ClassSchema a dataset was prepared with (also for generic `--schema auto` datasets)."""
-    classes = tuple(GalaxyClass(c["index"], c["key"], c["name"], c["symbol"]) for c in meta["classes"])
-    return ClassSchema(meta["schema"], classes)
-
-
-def split_paths(directory: str | Path, split: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The filesystem holding a dataset and one split's Parquet files as sorted paths inside it
-    (empty if the split has no rows): what pyarrow.dataset and ray.data.read_parquet take together."""
-    meta = read_metadata(directory)
-    if split not in meta["splits"]:
-        raise ValueError(f"unknown split {split!r}; dataset {directory} has {sorted(meta['splits'])}")
-    fs, root = _fs_and_path(directory)
-    found = fs.get_file_info(pafs.FileSelector(_join(root, split), allow_not_found=True))
-    paths = [
-        i.path for i in found if i.type == pafs.FileType.File and fnmatchcase(i.base_name, "part-*.parquet")
-    ]
-    return fs, sorted(paths, key=_basename)
-
-
-def split_files(directory: str | Path, split: str) -> list[str]:
-    """Sorted Parquet files of one split (empty if the split has no rows): local paths, or URIs below
-    a URI `directory`."""
-    _, paths = split_paths(directory, split)
-    return [_shown(directory, split, _basename(p)) for p in paths]
-
-
-def check_split_files(directory: str | Path, split: str, meta: dict[str, Any] | None = None) -> int:
-    """Open every Parquet footer of a split (no row data): the files metadata.json lists must exist,
-    be Parquet, hold the required columns and add up to its row count. Returns the rows; ValueError
-    naming the file otherwise. Cheap enough to run before a cluster is started for a training run
-    (footers are read a few at a time, which hides object-storage latency). `meta`: the dataset's
-    metadata.json when the caller has already read it."""
-    meta = meta if meta is not None else read_metadata(directory)
-    info = meta["splits"].get(split)
-    if info is None:
-        raise ValueError(f"unknown split {split!r}; dataset {directory} has {sorted(meta['splits'])}")
-    listed = info.get("files")  # written by every prepare; older/hand-made metadata: what is on disk
-    names = listed if listed is not None else [_basename(p) for p in split_paths(directory, split)[1]]
-    fs, root = _fs_and_path(directory)
-
-    def footer_rows(name: str) -> int:
-        path, shown = _join(root, split, name), _shown(directory, split, name)
-        if fs.get_file_info(path).type != pafs.FileType.File:
-            raise FileNotFoundError(f"{shown}: shard listed in {METADATA_FILE} is missing")
-        try:
-            footer = pq.read_metadata(path, filesystem=fs)
-        except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{shown}: not a readable Parquet shard ({e})") from None
-        missing = [c for c in ARROW_SCHEMA.names if c not in footer.schema.names]
-        if missing:
-            raise ValueError(f"{shown}: shard lacks required columns {missing}")
-        return footer.num_rows
-
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(names)))) as pool:
-        rows = sum(pool.map(footer_rows, names))  # the first bad file in listed order raises
-    if rows != info["rows"]:
-        raise ValueError(
-            f"{_shown(directory, split)}: shards hold {rows} rows, {METADATA_FILE} says {info['rows']}"
-        )
-    return rows
-
-
-def dataset(directory: str | Path, split: str) -> pads.Dataset:
-    """A pyarrow Dataset over one split's shards (nothing is read until scanned)."""
-    fs, paths = split_paths(directory, split)
-    if not paths:
-        return pads.dataset([], schema=ARROW_SCHEMA, format="parquet")
-    return pads.dataset(paths, filesystem=fs, format="parquet")
-
-
 def write_subset(
     src: str | Path, dst: str | Path, split: str, fraction: float, seed: int = 0
 ) -> dict[str, Any]:
@@ -429,20 +235,12 @@ def write_subset(
     Only the id and label columns are held in memory; rows stream from file to file. `src` may be a
     URI (see read_metadata); `dst` is a local directory.
     """
-    import hashlib
-    import math
-
-    import numpy as np
-    import pyarrow.compute as pc
-
     check_local_output(dst)
     meta = read_metadata(src)
     table = dataset(src, split).to_table(columns=["id", "label"])
     ids = table.column("id").to_pylist()
     labels = table.column("label").to_numpy()
-    keys = np.array(
-        [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big") for i in ids]
-    )
+    keys = np.array([id_hash(seed, i) for i in ids], np.uint64)  # the split's hash (splits.py)
     keep: set[str] = set()
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
@@ -450,23 +248,20 @@ def write_subset(
         keep.update(ids[r] for r in rows[np.argsort(keys[rows], kind="stable")[:n]])
     wanted = pa.array(sorted(keep), pa.string())
     with atomic_output_dir(Path(dst)) as tmp:
-        for name in meta["splits"]:
+        sub = {**meta, "splits": {}}
+        for name, info in meta["splits"].items():
             writer = ShardWriter(tmp / name, dataset(src, name).schema)
             for batch in dataset(src, name).to_batches():
                 writer.write(batch.filter(pc.is_in(batch.column("id"), wanted)) if name == split else batch)
             writer.close()
-        files = sorted((tmp / split).glob("part-*.parquet"))  # no metadata.json yet: read the files
+            # File names are the writer's, not the source's (gzdesi names a file after its shard).
+            kept = info if name != split else {}  # the subset's other counts are recomputed below
+            sub["splits"][name] = {**kept, "rows": writer.num_rows, "files": [p.name for p in writer.files]}
+        files = [tmp / split / f for f in sub["splits"][split]["files"]]
         counts = pads.dataset(files, format="parquet").to_table(columns=["label"]).column("label").to_numpy()
-        sub = dict(meta)
-        sub["splits"] = {**meta["splits"]}
         keys_by_index = {c["index"]: c["key"] for c in meta["classes"]}
-        sub["splits"][split] = {
-            "rows": int(len(counts)),
-            "files": [p.name for p in files],
-            "per_class": {
-                keys_by_index[int(k)]: int(v)
-                for k, v in zip(*np.unique(counts, return_counts=True), strict=True)
-            },
+        sub["splits"][split]["per_class"] = {
+            keys_by_index[int(k)]: int(v) for k, v in zip(*np.unique(counts, return_counts=True), strict=True)
         }
         sub["subset_of"] = {"source": str(src), "split": split, "fraction": fraction, "seed": seed}
         write_metadata(tmp, sub)

@@ -19,6 +19,16 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
+from galaxalign_dist.data.catalog_io import (
+    INTEGER,
+    NUMBER,
+    TEXT,
+    CatalogueError,
+    as_float,
+    as_text,
+    check_kind,
+)
+from galaxalign_dist.data.options import PrepareOptions
 from galaxalign_dist.data.schemas import ClassSchema, GalaxyClass, get_schema, parse_symbol_spec
 
 CHUNK_ROWS = 256
@@ -34,25 +44,8 @@ CATALOG_EXTRAS = ("ra", "dec", "redshift")
 ID_COLUMNS = ("id_str", "id", "galaxy_id", "dr8_id", "iauname")
 PATH_COLUMNS = ("file_loc", "path", "filename", "file")
 LABEL_COLUMNS = ("label", "class")
-
-
-@dataclass
-class SourceOptions:
-    """What `prepare` passes every reader; readers ignore the fields that do not concern them."""
-
-    image_root: Path | None = None
-    schema: str | None = None  # a schemas.py name, or "auto" (classes from the data)
-    n: int | None = None
-    seed: int = 0
-    size: int | None = None
-    id_column: str | None = None
-    path_column: str | None = None
-    label_column: str | None = None
-    split_column: str | None = None
-    class_names: dict[str, str] | None = None  # --schema auto: class key -> human-readable name
-    class_symbols: dict[str, str] | None = None  # --schema auto: class key -> symbol spec
-    chunk_rows: int = CHUNK_ROWS
-    gzdesi_mapping: Any = None  # gzdesi: a gzdesi.GZDesiMapping (schema, thresholds, caption/symbol modes)
+# Forms prepare() converts without open_source (resumable, sharded): named in the unknown-form error.
+OTHER_FORMS = ("gzdesi",)
 
 
 @dataclass
@@ -115,18 +108,18 @@ def generic_schema(
     return ClassSchema("auto", tuple(classes))
 
 
-def _fixed_schema(opts: SourceOptions, name: str) -> ClassSchema:
+def _fixed_schema(opts: PrepareOptions, name: str) -> ClassSchema:
     if opts.schema not in (None, name):
         raise ValueError(f"this source's labels are {name} classes; --schema {opts.schema} does not apply")
-    if opts.class_names or opts.class_symbols:
+    if opts.catalog.class_names or opts.catalog.class_symbols:
         raise ValueError("--class-names/--class-symbols only apply with --schema auto")
     return get_schema(name)
 
 
-def _pick_schema(source: Source, opts: SourceOptions, values: Callable[[], list[str]]) -> None:
+def _pick_schema(source: Source, opts: PrepareOptions, values: Callable[[], list[str]]) -> None:
     """Named schema from --schema, or (default: auto) one built from the distinct label values."""
     if opts.schema in (None, "auto"):
-        source.schema = generic_schema(values(), opts.class_names, opts.class_symbols)
+        source.schema = generic_schema(values(), opts.catalog.class_names, opts.catalog.class_symbols)
         source.auto_keys = {c.key: c.index for c in source.schema.classes}
     else:
         source.schema = _fixed_schema(opts, opts.schema.lower())
@@ -138,7 +131,7 @@ class H5Source(Source):
     image_key = "images"
 
     def __init__(
-        self, files: list[tuple[Path, str | None]], opts: SourceOptions, schema: str, label_key: str
+        self, files: list[tuple[Path, str | None]], opts: PrepareOptions, schema: str, label_key: str
     ) -> None:
         self.files, self.opts, self.label_key = files, opts, label_key
         self.schema = _fixed_schema(opts, schema)
@@ -170,7 +163,7 @@ class H5Source(Source):
         return images.shape[0]
 
     def chunks(self) -> Iterator[Chunk]:
-        step = self.opts.chunk_rows
+        step = CHUNK_ROWS
         for path, split in self.files:
             with _gunzipped(path) as local, _open_h5(path, local) as f:
                 n = self._check(f, path)
@@ -213,12 +206,12 @@ def _open_h5(path: Path, local: Path | None = None) -> h5py.File:
         raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
 
 
-def galaxy10_source(arg: str, opts: SourceOptions) -> Source:
+def galaxy10_source(arg: str, opts: PrepareOptions) -> Source:
     """`galaxy10:PATH/Galaxy10_DECals.h5` (datasets images, ans, optional ra/dec/redshift/pxscale)."""
     return H5Source([(Path(arg), None)], opts, "galaxy10", label_key="ans")
 
 
-def galaxymnist_source(arg: str, opts: SourceOptions) -> Source:
+def galaxymnist_source(arg: str, opts: PrepareOptions) -> Source:
     """`galaxymnist:DIR` (published train/test split) or `galaxymnist:FILE.hdf5[.gz]` (hash split)."""
     path = Path(arg)
     if path.is_dir():
@@ -237,41 +230,56 @@ def galaxymnist_source(arg: str, opts: SourceOptions) -> Source:
 class CatalogSource(Source):
     """A Parquet/CSV table with an id, an image path and a label column, read in batches."""
 
-    def __init__(self, arg: str, opts: SourceOptions) -> None:
+    def __init__(self, arg: str, opts: PrepareOptions) -> None:
         self.path, self.opts = Path(arg), opts
         if not self.path.is_file():
             raise FileNotFoundError(f"catalogue {self.path} does not exist")
         self.root = Path(opts.image_root) if opts.image_root else self.path.parent
         self.description = f"{self.path} (images under {self.root})"
         names = self._dataset(None).schema.names
-        col = functools.partial(_column, self.path, names)
-        self.id_col = col(opts.id_column, ID_COLUMNS, "id", "--id-column")
-        self.path_col = col(opts.path_column, PATH_COLUMNS, "image path", "--path-column")
-        self.label_col = col(opts.label_column, LABEL_COLUMNS, "label", "--label-column")
+        col, cat = functools.partial(_column, self.path, names), opts.catalog
+        self.id_col = col(cat.id_column, ID_COLUMNS, "id", "--id-column")
+        self.path_col = col(cat.path_column, PATH_COLUMNS, "image path", "--path-column")
+        self.label_col = col(cat.label_column, LABEL_COLUMNS, "label", "--label-column")
         self.split_col = "split" if "split" in names else None  # a published split is kept
-        if opts.split_column:
-            self.split_col = col(opts.split_column, (), "split", "--split-column")
+        if cat.split_column:
+            self.split_col = col(cat.split_column, (), "split", "--split-column")
         self.published_split = self.split_col is not None
         self.extras = [c for c in CATALOG_EXTRAS if c in names]
         self.extra_fields = [pa.field(c, pa.float64()) for c in self.extras]
         self.ds = self._dataset([self.id_col, self.path_col, self.label_col, self.split_col])
+        self._check_kinds(self.ds.schema)
         self.total = self.ds.count_rows() if self.path.suffix != ".csv" else None
         _pick_schema(self, opts, self._distinct_labels)
 
+    def _check_kinds(self, schema: pa.Schema) -> None:
+        """One line per unusable column (any writer's string types, ints and floats are fine; see catalog_io)."""
+        any_scalar = (TEXT, INTEGER, NUMBER)  # ids and labels are cast to text, as they always were
+        roles = [(self.id_col, any_scalar, "id"), (self.path_col, (TEXT,), "image path"),
+                 (self.label_col, any_scalar, "label"), (self.split_col, (TEXT,), "split")]  # fmt: skip
+        roles += [(c, (NUMBER,), "copied as float64") for c in self.extras]
+        for column, kinds, role in roles:
+            if column:
+                check_kind(str(self.path), schema, column, kinds, role)
+
     def _dataset(self, text_cols: list[str | None] | None) -> pads.Dataset:
-        if self.path.suffix.lower() in (".parquet", ".pq"):
-            return pads.dataset(self.path, format="parquet")
-        if self.path.suffix.lower() == ".csv":
+        suffix = self.path.suffix.lower()
+        if suffix not in (".parquet", ".pq", ".csv"):
+            raise ValueError(f"catalogue {self.path}: expected a .parquet or .csv file")
+        fmt: str | pads.FileFormat = "parquet"
+        if suffix == ".csv":
             # Read mapped columns as text: ids like 0123 keep their zeros, labels mix ints and names.
             types = {c: pa.string() for c in text_cols or [] if c}
             fmt = pads.CsvFileFormat(convert_options=pacsv.ConvertOptions(column_types=types))
+        try:
             return pads.dataset(self.path, format=fmt)
-        raise ValueError(f"catalogue {self.path}: expected a .parquet or .csv file")
+        except pa.ArrowException as e:
+            raise CatalogueError(f"catalogue {self.path}: not a readable {suffix[1:]} file ({e})") from None
 
     def _distinct_labels(self) -> list[str]:
         seen: set[str] = set()
         for batch in self.ds.to_batches(columns=[self.label_col], batch_size=65536):
-            col = batch.column(0).cast(pa.string())
+            col = as_text(batch.column(0))
             seen.update(v for v in pc.unique(col).to_pylist() if v is not None)
         if not seen:
             raise ValueError(f"catalogue {self.path} has no labels in column {self.label_col!r}")
@@ -280,8 +288,8 @@ class CatalogSource(Source):
     def chunks(self) -> Iterator[Chunk]:
         cols = [c for c in (self.id_col, self.path_col, self.label_col, self.split_col) if c] + self.extras
         row = 0
-        for batch in self.ds.to_batches(columns=cols, batch_size=self.opts.chunk_rows):
-            d = {c: batch.column(c).cast(pa.string()).to_pylist() for c in cols if c not in self.extras}
+        for batch in self.ds.to_batches(columns=cols, batch_size=CHUNK_ROWS):
+            d = {c: as_text(batch.column(c)).to_pylist() for c in cols if c not in self.extras}
             m = batch.num_rows
             rows = list(range(row, row + m))
             row += m
@@ -303,7 +311,7 @@ class CatalogSource(Source):
                 image_bytes=images,
                 problems=problems,
                 splits=splits,
-                extras={c: batch.column(c).cast(pa.float64()) for c in self.extras},
+                extras={c: as_float(batch.column(c)) for c in self.extras},
             )
 
 
@@ -334,7 +342,7 @@ def _split_value(value: str | None, path: Path, row: int, column: str) -> str | 
 class FolderSource(Source):
     """`folder:DIR` with one sub-folder per class, optionally under train/ and test/ (or validation/)."""
 
-    def __init__(self, arg: str, opts: SourceOptions) -> None:
+    def __init__(self, arg: str, opts: PrepareOptions) -> None:
         self.root, self.opts = Path(arg), opts
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
@@ -355,7 +363,7 @@ class FolderSource(Source):
                 raise ValueError(f"image folder {d}: {e}") from None
 
     def chunks(self) -> Iterator[Chunk]:
-        step = self.opts.chunk_rows
+        step = CHUNK_ROWS
         for class_dir, split in self.class_dirs:
             files = sorted(
                 p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -379,7 +387,7 @@ def _subdirs(d: Path) -> list[Path]:
 class SyntheticSource(Source):
     """`synthetic:galaxymnist|galaxy10`: procedurally drawn galaxies (synthetic.iter_chunks), n/seed/size."""
 
-    def __init__(self, arg: str, opts: SourceOptions) -> None:
+    def __init__(self, arg: str, opts: PrepareOptions) -> None:
         self.schema = _fixed_schema(opts, get_schema(arg).name)
         self.opts, self.total = opts, opts.n if opts.n is not None else 1000
         self.size = opts.size or 64
@@ -390,7 +398,7 @@ class SyntheticSource(Source):
         from galaxalign_dist.data import synthetic  # imported late: only this form needs it
 
         it = synthetic.iter_chunks(
-            self.schema, self.total, seed=self.opts.seed, size=self.size, chunk=self.opts.chunk_rows
+            self.schema, self.total, seed=self.opts.seed, size=self.size, chunk=CHUNK_ROWS
         )
         for images, labels, start in it:
             rows = list(range(start, start + len(labels)))
@@ -398,28 +406,28 @@ class SyntheticSource(Source):
             yield Chunk(origin=self.description, rows=rows, ids=ids, labels=np.asarray(labels), images=images)
 
 
-def gzdesi_source(arg: str, opts: SourceOptions) -> Source:
-    """`gzdesi:CATALOGUE.parquet`: Galaxy Zoo DESI vote fractions (prepare() converts it resumably)."""
-    from galaxalign_dist.data.gzdesi_prepare import GZDesiSource  # late: gzdesi_prepare imports this module
-
-    return GZDesiSource(arg, opts)
-
-
 # SOURCE form -> reader factory. Adding a form is one line here.
-SOURCES: dict[str, Callable[[str, SourceOptions], Source]] = {
+SOURCES: dict[str, Callable[[str, PrepareOptions], Source]] = {
     "galaxy10": galaxy10_source,
     "galaxymnist": galaxymnist_source,
     "catalog": CatalogSource,
     "folder": FolderSource,
     "synthetic": SyntheticSource,
-    "gzdesi": gzdesi_source,
 }
 
 
-def open_source(source: str, opts: SourceOptions) -> Source:
-    """Parse `FORM:ARG` and open its reader (clear error for an unknown form)."""
+def parse_source(source: str) -> tuple[str, str]:
+    """`FORM:ARG` -> (form in lower case, arg), with a clear error for an unknown form."""
     form, sep, arg = source.partition(":")
-    if not sep or form.lower() not in SOURCES or not arg:
-        forms = ", ".join(f"{f}:..." for f in SOURCES)
+    if not sep or form.lower() not in (*SOURCES, *OTHER_FORMS) or not arg:
+        forms = ", ".join(f"{f}:..." for f in (*SOURCES, *OTHER_FORMS))
         raise ValueError(f"unknown SOURCE {source!r}: expected one of {forms}")
-    return SOURCES[form.lower()](arg, opts)
+    return form.lower(), arg
+
+
+def open_source(source: str, opts: PrepareOptions) -> Source:
+    """Open the reader of a `FORM:ARG` source (the forms of SOURCES)."""
+    form, arg = parse_source(source)
+    if form not in SOURCES:
+        raise ValueError(f"{form}: sources are converted by their own module, not read through open_source")
+    return SOURCES[form](arg, opts)

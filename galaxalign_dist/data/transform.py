@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from collections.abc import Callable, Mapping
@@ -15,6 +14,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import InterpolationMode
 
+from galaxalign_dist.data.splits import stable_hash
 from galaxalign_dist.data.symbols import render_symbol
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,9 @@ TRANSFORM_COLUMNS = ["id", "image", "label", "text", "symbol"]
 
 
 def _row_hash(row_id: Any) -> int:
-    """Stable 63-bit hash of a row id (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(str(row_id).encode(), digest_size=8).digest(), "little") >> 1
+    """Stable 63-bit hash of a row id (Python's hash() is salted per process); unseeded, so a row's
+    augmentation stream does not change with the split seed."""
+    return stable_hash(str(row_id)) >> 1
 
 
 class TripletTransform:

@@ -122,7 +122,7 @@ def demo_out_with_truncated_shard(w: Path, d: Path) -> None:
 
 
 def bad_metadata_json(w: Path, d: Path) -> None:
-    (_copy(w / "data", d / "data") / "metadata.json").write_text('{"format_version": 1, "splits": ')
+    (_copy(w / "data", d / "data") / "_metadata.json").write_text('{"format_version": 1, "splits": ')
 
 
 def model_with(mutate: Callable[[Path], None]) -> Callable[[Path, Path], None]:
@@ -347,7 +347,7 @@ CASES = [
     Case(
         "index-bad-metadata-json",
         "index {world}/model --data {tmp}/data --out {tmp}/out",
-        ("{tmp}/data/metadata.json is not valid JSON",),
+        ("{tmp}/data/_metadata.json is not valid JSON",),
         bad_metadata_json,
     ),
     Case(

@@ -15,12 +15,14 @@ import pytest
 from open_clip.tokenizer import SimpleTokenizer
 
 from galaxalign_dist.cli.main import main
-from galaxalign_dist.data import gzdesi, gzdesi_prepare, shards
+from galaxalign_dist.data import gzdesi, gzdesi_convert, shards
 from galaxalign_dist.data.gzdesi_prepare import prepare_gzdesi
-from galaxalign_dist.data.prepare import hash_split, prepare
+from galaxalign_dist.data.gzdesi_source import GZDesiSource
+from galaxalign_dist.data.options import IO_THREADS, PrepareOptions
+from galaxalign_dist.data.prepare import prepare
 from galaxalign_dist.data.reader import iter_batches
 from galaxalign_dist.data.schemas import get_schema, parse_symbol_spec
-from galaxalign_dist.data.sources import SourceOptions, open_source
+from galaxalign_dist.data.splits import hash_split
 from galaxalign_dist.data.transform import TripletTransform
 
 REAL = Path(
@@ -152,35 +154,35 @@ def test_resume_after_interruption(data, tmp_path, monkeypatch):
     kw = dict(image_root=images, rows_per_shard=SHARD, row_group_rows=8, progress=False)
     clean = prepare_gzdesi(cat, tmp_path / "clean", **kw)
     out = tmp_path / "out"
-    # A time-boxed run: 2 of 4 shards, no metadata.json (not a dataset yet).
+    # A time-boxed run: 2 of 4 shards, no _metadata.json (not a dataset yet).
     partial = prepare_gzdesi(cat, out, max_shards=2, **kw)
     assert partial == {"complete": False, "shards": {"done": 2, "total": 4}}
     assert not (out / shards.METADATA_FILE).exists()
     # Then a crash in the middle of shard 2 (after some of its rows were written to OUT/.tmp).
-    real_load, calls = gzdesi_prepare._load, []
+    real_load, calls = gzdesi_convert.load_images, []
 
     def crash(paths):
         calls.append(1)
-        if len(calls) > 3 * gzdesi_prepare.IO_THREADS:  # after 3 row groups' images (one call per thread)
+        if len(calls) > 3 * IO_THREADS:  # after 3 row groups' images (one call per thread)
             raise KeyboardInterrupt
         return real_load(paths)
 
-    monkeypatch.setattr(gzdesi_prepare, "_load", crash)
+    monkeypatch.setattr(gzdesi_convert, "load_images", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_gzdesi(cat, out, **kw)
-    monkeypatch.setattr(gzdesi_prepare, "_load", real_load)
-    assert list((out / gzdesi_prepare.TMP_DIR / "shard-00002").rglob("*.parquet"))  # half written
-    assert not (out / "manifests" / "shard-00002.json").exists()
+    monkeypatch.setattr(gzdesi_convert, "load_images", real_load)
+    assert list((out / gzdesi_convert.TMP_DIR / "shard-00002").rglob("*.parquet"))  # half written
+    assert not (out / "_manifests" / "shard-00002.json").exists()
     # Damage: shard 1's train file truncated (e.g. a partial copy).
     victim = out / "train" / "part-00001.parquet"
     victim.write_bytes(victim.read_bytes()[:-100])
     before = _files(out)
     meta = prepare_gzdesi(cat, out, **kw)
     after = _files(out)
-    for kept in ("train/part-00000.parquet", "test/part-00000.parquet", "manifests/shard-00000.json"):
+    for kept in ("train/part-00000.parquet", "test/part-00000.parquet", "_manifests/shard-00000.json"):
         assert after[kept] == before[kept]  # verified shard 0: not rewritten
     assert after["train/part-00001.parquet"] != before["train/part-00001.parquet"]  # rebuilt
-    assert not (out / gzdesi_prepare.TMP_DIR).exists()
+    assert not (out / gzdesi_convert.TMP_DIR).exists()
     for split in shards.SPLITS:  # same rows, same order, same files as an uninterrupted run
         assert _rows(out, split).equals(_rows(tmp_path / "clean", split))
         assert meta["splits"][split] == clean["splits"][split]
@@ -214,7 +216,7 @@ def test_missing_and_corrupt_images(fresh, tmp_path):
     missing_error = rf"row {gone['row']} \(id {gone_id}\): missing image file: {gone_path}"
     with pytest.raises(ValueError, match=missing_error):
         prepare_gzdesi(cat, tmp_path / "a", **kw)
-    assert (tmp_path / "a" / "manifests" / "shard-00000.json").exists()  # done before the error: kept
+    assert (tmp_path / "a" / "_manifests" / "shard-00000.json").exists()  # done before the error: kept
     bad_path.write_bytes(data[: len(data) // 2])
     meta = prepare_gzdesi(cat, tmp_path / "b", skip_bad=True, **kw)
     assert meta["skipped"]["count"] == meta["skipped"]["listed"] == 2
@@ -223,7 +225,7 @@ def test_missing_and_corrupt_images(fresh, tmp_path):
     assert listed[bad_id]["row"] == bad["row"] and "does not decode" in listed[bad_id]["reason"]
     ids = {i for s in shards.SPLITS for i in _rows(tmp_path / "b", s)["id"].to_pylist()}
     assert gone_id not in ids and bad_id not in ids and meta["num_rows"] == len(kept) - 2
-    for p in sorted((tmp_path / "b" / "manifests").glob("shard-*.json")):  # every catalogue row counted
+    for p in sorted((tmp_path / "b" / "_manifests").glob("shard-*.json")):  # every catalogue row counted
         m = json.loads(p.read_text())
         assert m["rows_in"] == m["kept"] + sum(m["excluded"].values()) + m["skipped"]["count"]
 
@@ -238,10 +240,19 @@ def test_missing_columns_and_bad_options(tmp_path, capsys):
     with pytest.raises(gzdesi.MissingColumnsError, match="bar_no_fraction"):
         prepare_gzdesi(cat, tmp_path / "o", image_root=images)
     assert not (tmp_path / "o").exists()  # checked before any output
-    with pytest.raises(ValueError, match="label_column"):
+    with pytest.raises(
+        ValueError, match=r"options \['--label-column'\] do not apply to gzdesi: \(labels come"
+    ):
         prepare(f"gzdesi:{cat}", tmp_path / "o", label_column="x")
-    with pytest.raises(ValueError, match="apply to gzdesi"):
+    with pytest.raises(ValueError, match=r"options \['--rows-per-shard'\] apply to gzdesi: sources only"):
         prepare(f"catalog:{cat}", tmp_path / "o", rows_per_shard=10)
+    with pytest.raises(
+        ValueError, match=r"\['--file-mb', '--rows-per-file'\] do not apply to gzdesi: \(shards are cut"
+    ):
+        prepare(f"gzdesi:{cat}", tmp_path / "o", rows_per_file=10, file_bytes=2**20)
+    with pytest.raises(ValueError, match="use_ray: the data layer does not import Ray"):
+        prepare_gzdesi(cat, tmp_path / "o", use_ray=True)
+    assert not (tmp_path / "o").exists()
 
 
 def test_parallel_processes_match_serial(data, tmp_path):
@@ -257,10 +268,12 @@ def test_parallel_processes_match_serial(data, tmp_path):
 @pytest.mark.slow
 def test_ray_tasks_match_serial(data, tmp_path):
     ray = pytest.importorskip("ray")
+    from galaxalign_dist.launch.gzdesi import ray_runner
+
     cat, images, _ = data
     kw = dict(image_root=images, rows_per_shard=SHARD, progress=False)
     serial = prepare_gzdesi(cat, tmp_path / "serial", **kw)
-    par = prepare_gzdesi(cat, tmp_path / "ray", workers=2, use_ray=True, **kw)
+    par = prepare_gzdesi(cat, tmp_path / "ray", workers=2, use_ray=True, runner=ray_runner(2), **kw)
     assert not ray.is_initialized()  # started and stopped by prepare
     assert par["splits"] == serial["splits"]
     for split in shards.SPLITS:
@@ -278,9 +291,11 @@ def test_training_reads_the_output_and_source_streams(data, tmp_path):
     b = batches[0]
     assert b["image"].shape == (16, 3, 32, 32) and b["symbol"].shape == (16, 3, 32, 32)
     assert b["tokens"].shape == (16, 32) and set(b["label"].tolist()) <= set(range(10))
-    # The registered SOURCE form streams kept galaxies as Chunks with per-row captions and symbols.
-    src = open_source(f"gzdesi:{cat}", SourceOptions(image_root=images))
-    chunks = list(src.chunks())
-    assert sum(len(c.ids) for c in chunks) == meta["num_rows"] and src.total == N_ROWS
-    assert chunks[0].texts[0].startswith("A picture of") and not chunks[0].problems
+    # The reader streams any row range of the catalogue in normalised batches.
+    src = GZDesiSource(cat, PrepareOptions(image_root=images), gzdesi.GZDesiMapping())
+    parts = list(src.read(30, 130, batch_rows=32))
+    assert [s for s, _ in parts][0] == 30 and sum(b.num_rows for _, b in parts) == 100 and src.total == N_ROWS
+    assert parts[0][1].column(src.id_col).to_pylist()[:2] == table["dr8_id"].to_pylist()[30:32]
+    assert all(b.column("ra").type == pa.float64() for _, b in parts)
+    assert all(p.is_file() for p in src.image_paths(parts[0][1], np.arange(4)))
     shutil.rmtree(out)

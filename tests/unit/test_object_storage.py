@@ -101,7 +101,9 @@ def test_errors_name_the_uri(local, uri, tmp_path):
     with pytest.raises(ValueError, match=f"{part.as_uri()}: not a readable Parquet shard"):
         shards.check_split_files(bad.as_uri(), "train")
     part.unlink()
-    with pytest.raises(FileNotFoundError, match=f"{part.as_uri()}: shard listed in metadata.json is missing"):
+    with pytest.raises(
+        FileNotFoundError, match=f"{part.as_uri()}: shard listed in _metadata.json is missing"
+    ):
         shards.check_split_files(bad.as_uri(), "train")
     with pytest.raises(ValueError, match="not a URI pyarrow can open"):
         shards.read_metadata("nosuchscheme://bucket/ds")

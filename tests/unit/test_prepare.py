@@ -11,7 +11,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -361,11 +363,33 @@ def test_unknown_form_and_existing_output(g10, tmp_path):
 def test_read_metadata_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         shards.read_metadata(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no metadata.json"):
+    with pytest.raises(FileNotFoundError, match="no _metadata.json"):
         shards.read_metadata(tmp_path)
-    (tmp_path / "metadata.json").write_text("{oops")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    (tmp_path / "metadata.json").write_text("{oops")  # the name before _metadata.json: still read
+    with pytest.raises(ValueError, match=r"metadata.json is not valid JSON"):
         shards.read_metadata(tmp_path)
+    (tmp_path / "_metadata.json").write_text("[1")  # the current name wins
+    with pytest.raises(ValueError, match=r"_metadata.json is not valid JSON"):
+        shards.read_metadata(tmp_path)
+
+
+def test_ecosystem_readers_open_a_prepared_directory(g10, tmp_path):
+    """pyarrow.dataset and pandas read OUT as-is (they skip `_metadata.json`); an old layout still loads."""
+    out = tmp_path / "g10"
+    meta = prepare(f"galaxy10:{g10[0]}", out, rows_per_file=32, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["_metadata.json", "test", "train"]
+    table = pads.dataset(out, format="parquet").to_table()
+    assert table.num_rows == meta["num_rows"] == 100 and table.schema.names == meta["columns"]
+    frame = pd.read_parquet(out)
+    assert sorted(frame["id"]) == sorted(table.column("id").to_pylist())
+    # Written before the rename: metadata.json among the shards. Our readers still open it.
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "_metadata.json").rename(old / "metadata.json")
+    assert shards.is_prepared(old) and shards.read_metadata(old) == meta
+    for split in shards.SPLITS:
+        assert shards.check_split_files(old, split) == meta["splits"][split]["rows"]
+        assert shards.dataset(old, split).to_table().equals(shards.dataset(out, split).to_table())
 
 
 def test_cli(spirals_csv, tmp_path, capsys):
@@ -395,3 +419,37 @@ def test_cli(spirals_csv, tmp_path, capsys):
     assert main(["prepare", f"galaxy10:{tmp_path / 'missing.h5'}", "--out", str(tmp_path / "z")]) == 2
     assert "missing.h5 does not exist" in capsys.readouterr().err
     _no_dataset_left(tmp_path / "z")
+
+
+def test_options_are_typed_and_the_cli_derives_its_flags(spirals_csv, tmp_path, capsys):
+    """Every option field is one flag of `galaxalign prepare`; options given for another form fail in one line."""
+    import argparse
+
+    from galaxalign_dist.cli import prepare as cli_prepare
+    from galaxalign_dist.data.options import PrepareOptions, flag, option_fields
+
+    parser = argparse.ArgumentParser()
+    cli_prepare.add_arguments(parser)
+    dests = {a.dest: a.option_strings for a in parser._actions}
+    for _, f in option_fields():
+        assert (dests.get(f.name) == [flag(f)]) == f.metadata["cli"], f.name
+    args = parser.parse_args(["catalog:x.csv", "--out", "o", "--file-mb", "0.5", "--no-progress", "--ray"])
+    assert cli_prepare.options_from_args(args) == {"file_bytes": 2**19, "progress": False, "use_ray": True}
+    opts = PrepareOptions.from_flat(n=5, id_column="galaxy_id", rows_per_shard=7, class_names="a=b")
+    assert (opts.n, opts.catalog.id_column, opts.gzdesi.rows_per_shard) == (5, "galaxy_id", 7)
+    assert opts.catalog.class_names == {"a": "b"}
+    with pytest.raises(ValueError, match=r"unknown prepare options \['bogus'\]"):
+        PrepareOptions.from_flat(bogus=1)
+    with pytest.raises(ValueError, match="--class-names: expected KEY=VALUE"):
+        PrepareOptions.from_flat(class_names="oops")
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        prepare("synthetic:galaxymnist", tmp_path / "x", test_fraction=1.5)
+    base = ["prepare", f"catalog:{spirals_csv}", "--out", str(tmp_path / "o"), "--no-progress"]
+    for extra, want in (
+        (["--rows-per-shard", "10", "--workers", "2"], "options ['--rows-per-shard', '--workers'] apply to gzdesi: sources only"),
+        (["--size", "32"], "options ['--size'] apply to synthetic: sources only (images are resized"),
+    ):  # fmt: skip
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert want in err and err.count("\n") == 1, err
+    _no_dataset_left(tmp_path / "o")
