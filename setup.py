@@ -37,6 +37,7 @@ setup(
         "tqdm>=4.66",
         "pandas>=2.0",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"]},
+    # polars and duckdb: tests write the same catalogue with each writer users have (issue 18).
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "polars>=1.0", "duckdb>=1.0"]},
     entry_points={"console_scripts": ["galaxalign=galaxalign_dist.cli.main:main"]},
 )

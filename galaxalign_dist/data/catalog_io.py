@@ -88,7 +88,7 @@ def csv_to_parquet(path: Path, dest: Path, columns: list[str], text: list[str], 
     """Stream `columns` of a CSV catalogue into a Parquet file, typed by role; returns the rows written.
 
     Text columns are read as strings (ids keep leading zeros), number columns as float64 (empty = null);
-    a value that does not parse is one line naming the file, the column and the CSV line.
+    a value that does not parse is one line naming the file, the column and the row.
     """
     header = csv_header(path)
     types = {c: pa.string() for c in text} | {c: pa.float64() for c in numbers}
@@ -101,15 +101,32 @@ def csv_to_parquet(path: Path, dest: Path, columns: list[str], text: list[str], 
                     writer.write_batch(batch, row_group_size=65_536)
                     rows += batch.num_rows
     except pa.ArrowInvalid as e:
-        raise CatalogueError(f"catalogue {path}: {_csv_message(str(e), header)}") from None
+        raise CatalogueError(f"catalogue {path}: {_csv_message(path, str(e), header)}") from None
     return rows
 
 
-def _csv_message(message: str, header: list[str]) -> str:
-    """pyarrow's 'In CSV column #3: Row #7: ...' with the column's name and the file's line number."""
-    m = re.search(r"In CSV column #(\d+): Row #(\d+): (.*)", " ".join(message.split()))
+def _csv_message(path: Path, message: str, header: list[str]) -> str:
+    """pyarrow's 'In CSV column #5: CSV conversion error to double: invalid value ...' with the column's
+    name and, for a number that does not parse, its row (pyarrow's streaming reader names none)."""
+    message = " ".join(message.split())
+    m = re.search(r"In CSV column #(\d+): (.*)", message)
     if not m:
-        return " ".join(message.split())
-    col, row, what = int(m[1]), int(m[2]), m[3]
+        return message
+    col, what = int(m[1]), m[2]
     name = header[col] if col < len(header) else f"#{col}"
-    return f"column {name!r}, line {row}: {what}"  # pyarrow counts the header as row 1
+    row = _first_non_number(path, col) if "conversion error to double" in what else None
+    return f"column {name!r}" + (f", row {row}" if row is not None else "") + f": {what}"
+
+
+def _first_non_number(path: Path, col: int) -> int | None:
+    """The row (0-based, header excluded, as every prepare message counts) of the first non-empty value
+    in column `col` that is not a number."""
+    with open(path, newline="") as f:
+        for i, values in enumerate(csv.reader(f), start=-1):
+            if i < 0 or col >= len(values) or not values[col].strip():
+                continue
+            try:
+                float(values[col])
+            except ValueError:
+                return i
+    return None
