@@ -84,7 +84,8 @@ def worker_data(cfg: Config) -> TrainData:
     import ray.train
 
     from galaxalign_dist.data.reader import iter_batches
-    from galaxalign_dist.train.model import build_tokenizer, build_transform, shard_batches
+    from galaxalign_dist.launch.data import shard_batches
+    from galaxalign_dist.train.model import build_tokenizer, build_transform
     from galaxalign_dist.train.trainer import TrainData
 
     ctx = ray.train.get_context()
