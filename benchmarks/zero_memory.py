@@ -149,6 +149,7 @@ def _rank_main(rank: int, world: int, port: int, spec: dict[str, Any], out_dir: 
     from galaxalign_dist.train import engine as engine_mod
     from galaxalign_dist.train.loss import TriModalLoss, pairs_for
     from galaxalign_dist.train.model import build_model, build_tokenizer, image_size
+    from galaxalign_dist.train.step import DTYPES, batch_to_device, forward_backward
 
     torch.set_num_threads(1)  # two ranks share two cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -188,17 +189,17 @@ def _rank_main(rank: int, world: int, port: int, spec: dict[str, Any], out_dir: 
     loss_fn, pairs = TriModalLoss(cfg.loss), pairs_for(stage, cfg.loss)
     b, s = cfg.micro_batch_size, image_size(cfg.model)
     ctx = build_tokenizer(cfg.model)(["x"]).shape[1]  # the text tower's context length
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.engine.precision]
+    dtype = DTYPES[cfg.engine.precision]
     g = torch.Generator().manual_seed(rank)
     results: dict[str, Any] = {}
     for step in range(2):
-        images = torch.randn(b, 3, s, s, generator=g).to(dtype)
-        symbols = torch.randn(b, 3, s, s, generator=g).to(dtype)
-        tokens = torch.randint(1, 1000, (b, ctx), generator=g)
-        labels = torch.arange(b) + rank * b
-        out = engine(images, tokens, symbols)
-        loss, _ = loss_fn(out, out["logit_scale"], labels, pairs)
-        engine.backward(loss)
+        batch = {
+            "image": torch.randn(b, 3, s, s, generator=g),
+            "symbol": torch.randn(b, 3, s, s, generator=g),
+            "tokens": torch.randint(1, 1000, (b, ctx), generator=g),
+            "label": torch.arange(b) + rank * b,
+        }
+        forward_backward(engine, loss_fn, batch_to_device(batch, engine.device, dtype, True), pairs)
         if step == 1:
             # After the 2nd backward: optimizer state exists (AdamW creates it lazily at the 1st step) and
             # this step's gradients are held where DeepSpeed keeps them until step().
