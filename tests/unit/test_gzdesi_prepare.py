@@ -8,8 +8,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from open_clip.tokenizer import SimpleTokenizer
@@ -196,6 +198,42 @@ def test_resume_after_interruption(data, tmp_path, monkeypatch):
     with pytest.raises(shards.OutputExistsError, match="not a gzdesi conversion"):
         prepare_gzdesi(cat, tmp_path, **kw)
     assert prepare_gzdesi(cat, out, caption_mode="rich", overwrite=True, **kw)["num_rows"] == meta["num_rows"]
+
+
+def test_parquet_readers_open_the_output_and_an_old_layout_resumes(data, tmp_path):
+    """pyarrow.dataset / pandas read OUT as-is, even mid-conversion; `manifests/` + `metadata.json` (the
+    layout before) are read as they are and renamed when the conversion is resumed."""
+    cat, images, _ = data
+    kw = dict(image_root=images, rows_per_shard=SHARD, progress=False)
+    out = tmp_path / "out"
+    prepare_gzdesi(cat, out, max_shards=2, **kw)
+    (out / gzdesi_convert.TMP_DIR / "shard-00002" / "train").mkdir(parents=True)  # a killed run's leftover
+    shutil.copy(
+        out / "train" / "part-00000.parquet", out / ".tmp" / "shard-00002" / "train" / "part-00000.parquet"
+    )
+    done = sum(pq.read_metadata(f).num_rows for f in out.glob("*/part-*.parquet"))
+    assert pads.dataset(out, format="parquet").count_rows() == done > 0  # _manifests/, .tmp/ skipped
+    meta = prepare_gzdesi(cat, out, **kw)
+    assert (
+        pads.dataset(out, format="parquet").to_table().num_rows
+        == meta["num_rows"]
+        == len(pd.read_parquet(out))
+    )
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "_manifests").rename(old / "manifests")
+    (old / "_metadata.json").rename(old / "metadata.json")
+    assert shards.read_metadata(old) == meta
+    before = _files(old)
+    again = prepare_gzdesi(cat, old, **kw)
+    assert (old / "_manifests" / "plan.json").is_file() and not (old / "manifests").exists()
+    assert not (old / "metadata.json").exists() and shards.read_metadata(old) == again
+    assert again["splits"] == meta["splits"] and again["gzdesi"] == meta["gzdesi"]
+    after = _files(old)
+    assert {k: v for k, v in after.items() if k.endswith(".parquet")} == {
+        k: v for k, v in before.items() if k.endswith(".parquet")
+    }  # every shard verified and kept
+    assert pads.dataset(old, format="parquet").count_rows() == meta["num_rows"]
 
 
 def test_missing_and_corrupt_images(fresh, tmp_path):
