@@ -335,5 +335,5 @@ def test_training_reads_the_output_and_source_streams(data, tmp_path):
     assert [s for s, _ in parts][0] == 30 and sum(b.num_rows for _, b in parts) == 100 and src.total == N_ROWS
     assert parts[0][1].column(src.id_col).to_pylist()[:2] == table["dr8_id"].to_pylist()[30:32]
     assert all(b.column("ra").type == pa.float64() for _, b in parts)
-    assert all(p.is_file() for p in src.image_paths(parts[0][1], np.arange(4)))
+    assert all(p.is_file() for _, b in parts for p in src.image_paths(b, np.arange(b.num_rows)))
     shutil.rmtree(out)
