@@ -36,7 +36,7 @@ def ensure_dataset(cfg: Config) -> dict[str, Any]:
     meta = shards.read_metadata(path)  # clear error when missing or invalid
     for split in (cfg.data.train_split, cfg.data.val_split):
         if not shards.split_files(path, split):
-            raise FileNotFoundError(f"data.path: {path} has no '{split}' split (see its metadata.json)")
+            raise FileNotFoundError(f"data.path: {path} has no '{split}' split (see its _metadata.json)")
         shards.check_split_files(path, split, meta)  # a truncated/missing shard fails here, not in a worker
     n_train = split_rows(meta, cfg.data.train_split)
     per_rank = n_train // cfg.engine.num_workers
