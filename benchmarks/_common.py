@@ -153,22 +153,20 @@ def replicated(kind: str, rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     return out, labels[idx]
 
 
-def dataset(kind: str, rows: int, rows_per_file: int | None = None) -> Path:
+def dataset(kind: str, rows: int, rows_per_file: int | None = None, image_format: str | None = None) -> Path:
     """A prepared shard directory (cached under CACHE) built by `prepare` from replicated real images.
 
     rows_per_file: smaller Parquet files than prepare's default ~128 MB rotation (one Ray Data read
-    task, and so one transform task, per file).
+    task, and so one transform task, per file). image_format: prepare's --image-format (default: its default).
     """
     import h5py
 
     from galaxalign_dist.data import shards
+    from galaxalign_dist.data.options import DEFAULT_IMAGE_FORMAT
     from galaxalign_dist.data.prepare import prepare
 
-    out = (
-        CACHE / f"data-{kind}px-{rows}"
-        if rows_per_file is None
-        else CACHE / f"data-{kind}px-{rows}-f{rows_per_file}"
-    )
+    fmt = image_format or DEFAULT_IMAGE_FORMAT
+    out = CACHE / (f"data-{kind}px-{rows}-{fmt}" + ("" if rows_per_file is None else f"-f{rows_per_file}"))
     if (out / shards.METADATA_FILE).exists():
         return out
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -178,7 +176,9 @@ def dataset(kind: str, rows: int, rows_per_file: int | None = None) -> Path:
     with h5py.File(h5, "w") as f:
         f.create_dataset("images", data=images)
         f.create_dataset(label_key, data=labels)
-    prepare(f"{schema}:{h5}", out, overwrite=True, progress=False, rows_per_file=rows_per_file)
+    prepare(
+        f"{schema}:{h5}", out, overwrite=True, progress=False, rows_per_file=rows_per_file, image_format=fmt
+    )
     h5.unlink()
     return out
 

@@ -1,9 +1,9 @@
-"""Triplets/s the Ray Data pipeline delivers to a Ray Train worker vs raw PIL decode, plus where the time goes."""
+"""Triplets/s the Ray Data pipeline delivers to a Ray Train worker vs raw decode of the same bytes, where the CPU
+goes on each side (data side: decode; device side: warp, symbols, normalise), and the stored image encodings."""
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import sys
@@ -48,12 +48,18 @@ def image_bytes(data_path: Path, limit: int | None = None) -> list[bytes]:
 
 
 def raw_decode_rate(blobs: list[bytes]) -> tuple[float, float]:
-    """(rows/s wall, ms CPU per row) of PIL decode to an RGB array in a tight single-process loop."""
-    from PIL import Image
+    """(rows/s wall, ms CPU per row) of decoding the stored bytes to uint8 RGB (the project's decoder, one
+    thread) in a tight single-process loop: the most a pipeline could deliver from these bytes per core."""
+    import torch
 
+    from galaxalign_dist.data.images import decode
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     t0, c0 = time.perf_counter(), time.process_time()
     for b in blobs:
-        np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+        decode(b)
+    torch.set_num_threads(threads)
     # CPU time as well as wall time: on a shared host wall time swings with other tenants' load.
     return len(blobs) / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / len(blobs)
 
@@ -95,15 +101,17 @@ def consumer_worker(loop_config: dict[str, Any]) -> None:
 
     import ray.train
 
+    from galaxalign_dist import config as config_mod
+    from galaxalign_dist.launch.data import shard_batches
+
+    cfg = config_mod.from_dict(loop_config["config"], validate=False)
+    batches, epochs = shard_batches(ray.train.get_dataset_shard("train"), cfg), loop_config["epochs"]
     shard = ray.train.get_dataset_shard("train")
-    mb, shuffle, epochs = loop_config["micro_batch"], loop_config["shuffle"], loop_config["epochs"]
     out = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         t0 = time.perf_counter()
         first, rows = None, 0
-        for batch in shard.iter_torch_batches(
-            batch_size=mb, drop_last=True, local_shuffle_buffer_size=shuffle
-        ):
+        for batch in batches(epoch):
             if first is None:
                 first = time.perf_counter() - t0  # Ray Data's per-epoch start-up (plan, tasks, first block)
             rows += int(batch["image"].shape[0])
@@ -117,14 +125,15 @@ def build_dataset(cfg: Config, variant: str):  # noqa: ANN201
     """The product's train_dataset(cfg), or a variant of it that tests a recommendation."""
     import ray.data
 
-    from galaxalign_dist.launch.data import COLUMNS, train_dataset
-    from galaxalign_dist.train.model import build_transform
+    from galaxalign_dist.launch.data import COLUMNS, canvas, train_dataset
+    from galaxalign_dist.train.model import build_decode
 
+    meta = shards.read_metadata(cfg.data.path)
     if variant in ("default", "files"):
         # 'files': the product's pipeline on the same rows written as many small files (prepare's
         # rows_per_file). Ray Data may still pack small files into one read task (seen: 8 files of
         # 500 rows -> one fused read+transform task), which this variant makes visible.
-        return train_dataset(cfg)
+        return train_dataset(cfg, meta)
     files = shards.split_files(cfg.data.path, cfg.data.train_split)
     if variant == "blocks":
         # Ask for many read blocks (Ray may not split a Parquet file below one block per file).
@@ -133,24 +142,23 @@ def build_dataset(cfg: Config, variant: str):  # noqa: ANN201
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return ds.map_batches(
-        build_transform(cfg, train=True), batch_format="numpy", batch_size=cfg.micro_batch_size
+        build_decode(cfg, canvas(cfg, meta)), batch_format="numpy", batch_size=cfg.micro_batch_size
     )
 
 
 def pipeline_run(
     cfg: Config, epochs: int, storage: str, tag: str, variant: str = "default"
 ) -> dict[str, Any]:
-    """One TorchTrainer (1 worker) over the real train_dataset(cfg): Parquet -> TripletTransform -> batches."""
+    """One TorchTrainer (1 worker) over the real train_dataset: Parquet -> decode (Ray Data) -> worker batches."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from galaxalign_dist.launch.data import quiet_data_context
 
     quiet_data_context()
-    shuffle = cfg.data.shuffle_buffer if cfg.data.augment else None
     trainer = TorchTrainer(
         consumer_worker,
-        train_loop_config={"micro_batch": cfg.micro_batch_size, "shuffle": shuffle, "epochs": epochs},
+        train_loop_config={"config": cfg.to_dict(), "epochs": epochs},
         scaling_config=ray.train.ScalingConfig(
             num_workers=1, use_gpu=False, resources_per_worker={"CPU": cfg.engine.cpus_per_worker}
         ),
@@ -196,45 +204,24 @@ def print_operators(stats: str, indent: str = "    ") -> dict[str, dict[str, flo
 
 
 def profile_transform(cfg: Config, blobs: list[bytes], specs: list[str], n: int) -> dict[str, float]:
-    """CPU ms per row of each piece of TripletTransform(train=True), in this process (one thread).
+    """CPU ms per row of each side of the pipeline in this process, and of the per-sample CPU path it replaced.
 
     Thread CPU time, not wall time: on a shared host wall time measures the other tenants too.
     """
     clock = time.thread_time
     import torch
     import torchvision.transforms.v2.functional as F
-    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms import InterpolationMode
 
+    from galaxalign_dist.data.images import decode
     from galaxalign_dist.data.symbols import render_symbol
-    from galaxalign_dist.train.model import build_transform
+    from galaxalign_dist.launch.data import canvas
+    from galaxalign_dist.train.model import build_decode, build_preprocess, image_size
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU Ray Data task (Ray sets OMP_NUM_THREADS=1)
-    t = build_transform(cfg, train=True)
-    s = t.image_size
-    acc = dict.fromkeys(("decode", "rotate", "resized_crop", "flips", "symbol_render"), 0.0)
-    rng = np.random.default_rng(0)
+    s = image_size(cfg.model)
     n = min(n, len(blobs))
-    for i in range(n):
-        t0 = clock()
-        img = decode_image(torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        t1 = clock()
-        img = F.rotate(img, float(rng.uniform(-180, 180)), interpolation=InterpolationMode.BILINEAR)
-        t2 = clock()
-        h = img.shape[-1]
-        side = round(np.sqrt(rng.uniform(0.8, 1.0)) * h)
-        img = F.resized_crop(img, 0, 0, side, side, [s, s], InterpolationMode.BICUBIC, antialias=True)
-        t3 = clock()
-        img = F.vertical_flip(F.horizontal_flip(img))
-        t4 = clock()
-        render_symbol(specs[i % len(specs)], size=t.symbol_size, rng=rng, augment=True)
-        t5 = clock()
-        for k, dt in zip(acc, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-            acc[k] += dt
-    out = {k: 1e3 * v / n for k, v in acc.items()}
-    # The whole transform on batches of one micro batch (as map_batches calls it), incl. normalise/tokens.
-    batch_rows = cfg.micro_batch_size
     raw = {
         "id": np.array([f"r{i}" for i in range(n)], dtype=object),
         "image": np.array(blobs[:n], dtype=object),
@@ -242,20 +229,66 @@ def profile_transform(cfg: Config, blobs: list[bytes], specs: list[str], n: int)
         "text": np.array(["A picture of a round smooth galaxy"] * n, dtype=object),
         "symbol": np.array([specs[i % len(specs)] for i in range(n)], dtype=object),
     }
-    t({k: v[:1] for k, v in raw.items()})  # warm the caption -> tokens cache, as a long run has it
+    mb = cfg.micro_batch_size
+    out: dict[str, float] = {}
+    # Data side, as Ray Data runs it: decode to the canvas + cached tokens, one micro batch per call.
+    dec = build_decode(cfg, canvas(cfg, shards.read_metadata(cfg.data.path)))
+    dec({k: v[:1] for k, v in raw.items()})  # warm the caption -> tokens cache, as a long run has it
     t0 = clock()
-    for b in range(0, n, batch_rows):
-        t({k: v[b : b + batch_rows] for k, v in raw.items()})
-    out["whole_train_transform"] = 1e3 * (clock() - t0) / n
-    ev = build_transform(cfg, train=False)
-    ev({k: v[:1] for k, v in raw.items()})
+    decoded = [dec({k: v[b : b + mb] for k, v in raw.items()}) for b in range(0, n, mb)]
+    out["data_side_decode"] = 1e3 * (clock() - t0) / n
+    # Device side on this CPU: the batched warp of images and symbols + normalisation (train), and eval.
+    for label, nthreads in (("1 thread", 1), (f"{threads} threads", threads)):
+        torch.set_num_threads(nthreads)
+        pre = build_preprocess(cfg, "cpu", torch.float32)
+        pre(decoded[0], 0)  # renders the bank's symbols once (a run does this once)
+        t0 = time.perf_counter()
+        for d in decoded:
+            pre(d, 1)
+        out[f"device_side_train_ms_per_batch_{label}"] = 1e3 * (time.perf_counter() - t0) / len(decoded)
+        t0 = time.perf_counter()
+        for d in decoded:
+            pre(d, None)
+        out[f"device_side_eval_ms_per_batch_{label}"] = 1e3 * (time.perf_counter() - t0) / len(decoded)
+    torch.set_num_threads(1)
+    # The per-sample CPU path the data side used to run (rotate, resized crop, flips, symbol drawing,
+    # normalising two float32 tensors per row), timed on the same rows for comparison.
+    rng = np.random.default_rng(0)
     t0 = clock()
-    for b in range(0, n, batch_rows):
-        ev({k: v[b : b + batch_rows] for k, v in raw.items()})
-    out["whole_eval_transform"] = 1e3 * (clock() - t0) / n
-    out["normalise_tokens_other"] = out["whole_train_transform"] - sum(acc[k] for k in acc) * 1e3 / n
+    for i in range(n):
+        img = decode(blobs[i])
+        img = F.rotate(img, float(rng.uniform(-180, 180)), interpolation=InterpolationMode.BILINEAR)
+        side = round(np.sqrt(rng.uniform(0.8, 1.0)) * img.shape[-1])
+        img = F.resized_crop(img, 0, 0, side, side, [s, s], InterpolationMode.BICUBIC, antialias=True)
+        img = F.vertical_flip(F.horizontal_flip(img))
+        sym = torch.from_numpy(render_symbol(specs[i % len(specs)], size=s, rng=rng, augment=True))
+        for x in (img, sym.permute(2, 0, 1)):
+            F.normalize(x.float().div(255.0), [0.5] * 3, [0.25] * 3)
+    out["per_sample_cpu_path_before"] = 1e3 * (clock() - t0) / n
     torch.set_num_threads(threads)
     return out
+
+
+def encodings(images: np.ndarray) -> list[tuple[str, float, float, float]]:
+    """(format, decode ms CPU per image, KiB per image, PSNR dB) of prepare's stored encodings."""
+    import torch
+
+    from galaxalign_dist.data.images import decode, encode
+    from galaxalign_dist.data.options import IMAGE_FORMATS
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    for fmt in IMAGE_FORMATS:
+        blobs = [encode(img, fmt) for img in images]
+        c0 = time.process_time()
+        back = np.stack([decode(b).permute(1, 2, 0).numpy() for b in blobs])
+        ms = 1e3 * (time.process_time() - c0) / len(blobs)
+        mse = float(((back.astype(np.float64) - images) ** 2).mean())
+        psnr = 10 * np.log10(255.0**2 / mse) if mse > 0 else float("inf")
+        rows.append((fmt, ms, float(np.mean([len(b) for b in blobs])) / 1024, psnr))
+    torch.set_num_threads(threads)
+    return rows
 
 
 def train_step_rate(model: str, batch: int, warmup: int, steps: int) -> float:
@@ -296,6 +329,7 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--train-steps", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--tiny-batch", type=int, default=32)
     ap.add_argument("--vit-batch", type=int, default=8)
+    ap.add_argument("--image-format", default=None, help="prepare's --image-format of the datasets")
     args = ap.parse_args(argv)
     rows_override = None
     if args.quick:
@@ -311,14 +345,15 @@ def main(argv: list[str] | None = None) -> float:
     results: dict[str, dict[str, Any]] = {}
     for kind in args.sizes.split(","):
         model, rows = SETTINGS[kind]
-        data_path = common.dataset(kind, rows_override or rows)
+        data_path = common.dataset(kind, rows_override or rows, image_format=args.image_format)
         cfg = make_config(data_path, model, args.batch, args.cpus_per_worker)
         meta = shards.read_metadata(data_path)
         files = shards.split_files(data_path, "train")
         n_groups = sum(pq.ParquetFile(f).num_row_groups for f in files)
         blobs = image_bytes(data_path)
         print(
-            f"\n{kind} px data -> TripletTransform(train) at {_size(cfg)} px ({model}): "
+            f"\n{kind} px data ({'/'.join(meta['image_formats'])}) -> decode (data side) -> warp at {_size(cfg)} px "
+            f"on the worker ({model}): "
             f"{meta['splits']['train']['rows']} train rows in {len(files)} file(s), {n_groups} row groups, "
             f"mean image {np.mean([len(b) for b in blobs]) / 1e3:.1f} kB; micro batch {cfg.micro_batch_size}, "
             f"shuffle buffer {cfg.data.shuffle_buffer}, consumer worker CPUs {cfg.engine.cpus_per_worker}",
@@ -339,7 +374,7 @@ def main(argv: list[str] | None = None) -> float:
             rate, cpu_ms = raw_decode_rate(blobs)
             r["raw"].append(rate)
             r["raw_cpu_ms"].append(cpu_ms)
-            print(f"  round {i} raw PIL decode: {rate:.1f} rows/s ({cpu_ms:.2f} ms CPU/row)", flush=True)
+            print(f"  round {i} raw decode: {rate:.1f} rows/s ({cpu_ms:.2f} ms CPU/row)", flush=True)
             m = pipeline_run(cfg, args.epochs, storage, f"data-{kind}-{i}")
             steady, first_epoch, detail = describe_run(m)
             r["pipe"].append(steady)
@@ -352,7 +387,12 @@ def main(argv: list[str] | None = None) -> float:
         for variant in variants:
             vcfg = cfg
             if variant == "files":
-                small = common.dataset(kind, rows_override or rows, rows_per_file=FILES_VARIANT_ROWS)
+                small = common.dataset(
+                    kind,
+                    rows_override or rows,
+                    rows_per_file=FILES_VARIANT_ROWS,
+                    image_format=args.image_format,
+                )
                 vcfg = make_config(small, model, args.batch, args.cpus_per_worker)
             m = pipeline_run(vcfg, args.epochs, storage, f"data-{kind}-{variant}", variant=variant)
             steady, first_epoch, detail = describe_run(m)
@@ -361,9 +401,9 @@ def main(argv: list[str] | None = None) -> float:
             print_operators(m.get("stats", ""))
         prof = profile_transform(cfg, blobs, list(meta["symbols"]), args.profile_rows)
         r["prof"] = prof
-        print(f"  transform CPU cost in this process, ms per row, 1 thread ({args.profile_rows} rows):")
+        print(f"  CPU cost in this process ({args.profile_rows} rows; ms per row unless 'per batch'):")
         for k, v in prof.items():
-            print(f"    {k:<24}{v:8.2f}")
+            print(f"    {k:<44}{v:8.2f}")
         if args.train_steps:
             vit = model != "tiny"
             batch = args.vit_batch if vit else args.tiny_batch
@@ -375,6 +415,11 @@ def main(argv: list[str] | None = None) -> float:
         print(f"  {kind} px time: {time.perf_counter() - t_kind:.0f} s", flush=True)
         results[kind] = r
 
+    if "256" in results or args.quick:
+        print("\nstored image encodings (100 real Galaxy10 DECaLS images, 256 px; 1 thread):")
+        images, _ = common.real_images("256" if not args.quick else "64")
+        for fmt, ms, kib, psnr in encodings(images):
+            print(f"  {fmt:<5} decode {ms:6.3f} ms CPU/image  {kib:7.1f} KiB/image  PSNR {psnr:6.1f} dB")
     print(
         f"\n{'data':<8}{'raw decode rows/s':>24}{'pipeline triplets/s':>24}{'ratio':>7}{'1st epoch/s':>12}"
         f"{'1st batch s':>12}{'raw ms CPU':>11}{'pipe ms CPU':>12}{'CPU ratio':>10}{'train/s':>9}"
@@ -406,10 +451,13 @@ def main(argv: list[str] | None = None) -> float:
             )
     print(f"total time: {time.perf_counter() - t_total:.0f} s; load average at end: {common.load_average()}")
     headline = "256" if "256" in results else next(iter(results))
-    value = common.ratio(results[headline]["pipe"], results[headline]["raw"])
-    print(
-        f"headline: {headline} px data (pipeline triplets/s over raw PIL decode rows/s, medians, wall clock)"
-    )
+    h = results[headline]
+    pipe_cpu = sum(o["cpu_s"] for o in h["ops"].values())
+    pipe_rows = max((o["rows"] for o in h["ops"].values()), default=0)
+    print(f"headline: {headline} px data (targets: cpu_ms_per_triplet <= 1.0, data_ratio >= 0.8)")
+    common.summary("cpu_ms_per_triplet", 1e3 * pipe_cpu / pipe_rows if pipe_rows else float("nan"))
+    print(f"device_side_train_ms_per_batch_cpu: {h['prof']['device_side_train_ms_per_batch_1 thread']:.4f}")
+    value = common.ratio(h["pipe"], h["raw"])
     common.summary("data_ratio", value)
     return value
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from galaxalign_dist.data import shards
 from galaxalign_dist.data.gzdesi_prepare import prepare_gzdesi
 from galaxalign_dist.data.gzdesi_runners import Runner
-from galaxalign_dist.data.images import MAX_LISTED_SKIPS, check_image, encode_png
+from galaxalign_dist.data.images import MAX_LISTED_SKIPS, check_image, encode
 from galaxalign_dist.data.options import GZDESI, PrepareOptions
 from galaxalign_dist.data.sources import Chunk, Source, open_source, parse_source
 from galaxalign_dist.data.splits import hash_split
@@ -28,7 +29,13 @@ class _Preparer:
     """Per-run state: label resolution cache, counts, skipped rows, image sizes."""
 
     def __init__(
-        self, source: Source, skip_bad: bool, seed: int, test_fraction: float, pool: ThreadPoolExecutor
+        self,
+        source: Source,
+        skip_bad: bool,
+        seed: int,
+        test_fraction: float,
+        pool: ThreadPoolExecutor,
+        image_format: str,
     ):
         self.source, self.skip_bad, self.seed, self.test_fraction, self.pool = (
             source,
@@ -37,6 +44,7 @@ class _Preparer:
             test_fraction,
             pool,
         )
+        self.image_format = image_format
         self.counts = {s: Counter() for s in shards.SPLITS}
         self.skipped: list[dict[str, Any]] = []
         self.n_skipped = 0
@@ -73,9 +81,9 @@ class _Preparer:
         m = len(chunk.ids)
         problems = dict(chunk.problems)
         if chunk.images is not None:
-            images = list(self.pool.map(encode_png, chunk.images))
+            images = list(self.pool.map(functools.partial(encode, fmt=self.image_format), chunk.images))
             self.sizes[tuple(chunk.images.shape[1:3])] += m
-            self.formats["PNG"] += m
+            self.formats[self.image_format.upper()] += m
         else:
             images = [None] * m
             todo = [i for i in range(m) if i not in problems]
@@ -167,7 +175,7 @@ def prepare(
         ThreadPoolExecutor(os.cpu_count() or 1) as pool,
     ):
         writers = {s: shards.ShardWriter(tmp / s, schema_arrow, **kw) for s in shards.SPLITS}
-        prep = _Preparer(src, opts.skip_bad, seed, test_fraction, pool)
+        prep = _Preparer(src, opts.skip_bad, seed, test_fraction, pool, opts.image_format)
         seen = 0
         with tqdm(total=total, unit="img", desc=f"prepare {out.name}", disable=not opts.progress) as bar:
             for chunk in src.chunks():

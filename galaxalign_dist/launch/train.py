@@ -84,8 +84,8 @@ def worker_data(cfg: Config) -> TrainData:
     import ray.train
 
     from galaxalign_dist.data.reader import iter_batches
-    from galaxalign_dist.launch.data import shard_batches
-    from galaxalign_dist.train.model import build_tokenizer, build_transform
+    from galaxalign_dist.launch.data import canvas, shard_batches
+    from galaxalign_dist.train.model import build_decode, build_tokenizer
     from galaxalign_dist.train.trainer import TrainData
 
     ctx = ray.train.get_context()
@@ -96,14 +96,14 @@ def worker_data(cfg: Config) -> TrainData:
     n_val = min(split_rows(meta, cfg.data.val_split), cfg.run.eval_max_rows)
     val_bs = max(1, min(mb, n_val // world))
     val_batches_per_rank = (n_val // world) // val_bs
-    val_transform = build_transform(cfg, train=False)
+    val_decode = build_decode(cfg, canvas(cfg, meta))  # eval geometry is applied on the device
 
     def val_batches():  # noqa: ANN202
         it = iter_batches(
             cfg.data.path,
             cfg.data.val_split,
             val_bs,
-            val_transform,
+            val_decode,
             drop_last=True,
             rank=rank,
             world_size=world,
@@ -115,6 +115,7 @@ def worker_data(cfg: Config) -> TrainData:
         steps_per_epoch=(split_rows(meta, cfg.data.train_split) // world) // mb,
         val=val_batches if val_batches_per_rank > 0 else None,
         class_tokens=build_tokenizer(cfg.model)(list(meta["captions"])),
+        decoded=True,
     )
 
 
@@ -168,7 +169,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, train_loop=No
         ),
         # gloo on CPU, nccl on GPU: the same loop code either way.
         torch_config=TorchConfig(backend="nccl" if e.use_gpu else "gloo"),
-        datasets={"train": train_dataset(cfg)},
+        datasets={"train": train_dataset(cfg, shards.read_metadata(cfg.data.path))},
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=paths.storage,

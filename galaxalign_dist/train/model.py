@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from galaxalign_dist.config import Config, LossConfig, ModelConfig
+from galaxalign_dist.data.decode import DecodeTransform
+from galaxalign_dist.data.preprocess import DevicePreprocess
 from galaxalign_dist.data.transform import TripletTransform
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,21 @@ FLAVOURS: dict[str, dict[str, Any]] = {
     # ViT-B-16-sized towers (same widths/depths as open_clip's ViT-B-16) with random init; used by
     # benchmarks where the real pretrained weights cannot be downloaded.
     "vit-b-16-random": dict(open_clip.get_model_config("ViT-B-16") or {}),
+    # A ConvNeXt image tower (timm's convnext_atto, 3.4M parameters, random init) with the tiny text tower: CPU
+    # tests of the convolutional path (channels_last, timm's grad checkpointing) that convnext_base takes.
+    "tiny-convnext": {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "timm_model_name": "convnext_atto",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "timm_drop": 0.0,
+            "timm_drop_path": 0.0,
+            "image_size": 64,
+        },
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
 }
 
 TOWERS = ("image", "text", "symbol")
@@ -86,6 +103,7 @@ class TriModalCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), init), requires_grad=loss_cfg.learn_temperature)
         self.max_log_scale = math.log(loss_cfg.max_logit_scale)
         self.preprocess_cfg: dict[str, Any] = dict(open_clip.get_model_preprocess_cfg(clip))
+        self.compile_backend: str | None = None  # set by compile_towers
 
     @property
     def has_symbol_tower(self) -> bool:
@@ -96,6 +114,10 @@ class TriModalCLIP(nn.Module):
         self.symbol = copy.deepcopy(self.image)
         for p in self.symbol.parameters():
             p.requires_grad_(True)  # a locked image tower does not lock the new symbol tower
+        if self.compile_backend is not None:
+            # The copy would call the image tower's compiled forward (bound to the image tower): its own.
+            self.symbol._compiled_call_impl = None
+            self.symbol.compile(backend=self.compile_backend)
 
     def temperature_scale(self) -> torch.Tensor:
         # Clamped here, inside forward, so the bound holds whatever the optimizer/precision does.
@@ -143,9 +165,41 @@ def build_model(
     load_pretrained: bool = True,
 ) -> TriModalCLIP:
     model = TriModalCLIP(build_clip(model_cfg, load_pretrained=load_pretrained), loss_cfg)
+    if model_cfg.channels_last:
+        set_channels_last(model.image)  # before the copy: the symbol tower inherits it
     if with_symbol_tower:
         model.add_symbol_tower()
     return model
+
+
+def _inputs_channels_last(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+def set_channels_last(tower: nn.Module) -> None:
+    """An image tower's inputs in channels_last (NHWC), the layout GPU convolutions run fastest in.
+
+    Inputs only, by a forward pre-hook: a convolution with an NHWC input runs in NHWC (cuDNN converts the
+    weight, a small copy for ConvNeXt, whose convolutions are the stem, the downsamplers and the depthwise
+    7x7s). The weights stay contiguous because DeepSpeed 0.19.8 cannot hold channels_last parameters: its
+    initial broadcast views each parameter as bytes (`p.data.view(torch.uint8)` needs stride(-1) == 1) and
+    ZeRO 1-2 flatten them into contiguous buffers. Values are unchanged; a deep copy keeps the hook.
+    """
+    tower.register_forward_pre_hook(_inputs_channels_last)
+
+
+def compile_towers(model: TriModalCLIP, backend: str = "inductor") -> None:
+    """torch.compile each tower's forward in place (nn.Module.compile): parameter names and state_dict keys
+    stay as they are, so DeepSpeed's ZeRO partitioning (0-2), checkpoints and export see the same module.
+
+    A symbol tower added later (stage 2) is compiled as it is created. The loss and the glue between towers
+    stay eager.
+    """
+    model.compile_backend = backend
+    for name in TOWERS:
+        tower = getattr(model, name)
+        if tower is not None:
+            tower.compile(backend=backend)
 
 
 def build_tokenizer(model_cfg: ModelConfig) -> Callable[[list[str]], torch.Tensor]:
@@ -167,6 +221,16 @@ def build_transform(cfg: Config, train: bool, keep_ids: bool = False) -> Triplet
         on_bad_image=cfg.data.on_bad_image,
         keep_ids=keep_ids,
     )
+
+
+def build_decode(cfg: Config, canvas: int, keep_ids: bool = False) -> DecodeTransform:
+    """The data-side half of the training pipeline (decode to a `canvas` square, tokens), for Ray Data tasks."""
+    return DecodeTransform(canvas, build_tokenizer(cfg.model), cfg.data.on_bad_image, keep_ids)
+
+
+def build_preprocess(cfg: Config, device: torch.device | str, dtype: torch.dtype) -> DevicePreprocess:
+    """The device-side half (augmentation warp, symbol bank, normalisation), on the worker."""
+    return DevicePreprocess(image_size(cfg.model), cfg.run.seed, device, dtype, symbols=cfg.loss.use_symbols)
 
 
 def image_size(model_cfg: ModelConfig) -> int:

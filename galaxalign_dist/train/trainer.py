@@ -17,13 +17,14 @@ import torch
 import torch.distributed as dist
 
 from galaxalign_dist.config import Config
+from galaxalign_dist.data.preprocess import DevicePreprocess
 from galaxalign_dist.evaluation import metrics
 from galaxalign_dist.train import checkpoint
 from galaxalign_dist.train import engine as engine_mod
 from galaxalign_dist.train.collectives import gather_no_grad, world
 from galaxalign_dist.train.engine import full_fp32_state_dict, partition_report
 from galaxalign_dist.train.loss import Pair, TriModalLoss, pairs_for
-from galaxalign_dist.train.model import TriModalCLIP, build_model
+from galaxalign_dist.train.model import TriModalCLIP, build_model, build_preprocess
 from galaxalign_dist.train.step import DTYPES, Batch, batch_to_device, forward_backward
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class TrainData:
     steps_per_epoch: int  # micro-batches per rank per epoch (for the lr schedule and progress)
     val: Callable[[], Iterable[Batch]] | None = None
     class_tokens: torch.Tensor | None = None  # (C, L) tokenized class captions, for zero-shot F1
+    # True: batches are decoded uint8 rows (data/decode.py) that the loop finishes on its device
+    # (data/preprocess.py: augmentation warp, symbols, normalisation); False: ready model inputs.
+    decoded: bool = False
 
 
 class Trainer:
@@ -72,6 +76,7 @@ class Trainer:
         self.metrics_file = metrics_file if self.rank == 0 else None  # one JSON line per epoch
         self.loss_fn = TriModalLoss(cfg.loss)
         self.dtype = DTYPES[cfg.engine.precision]
+        self._preprocess: DevicePreprocess | None = None  # built for the engine's device on first use
         self.step = 0  # optimizer steps over the whole run
         self.writer = None
         if log_dir and self.rank == 0 and cfg.logging.tensorboard:
@@ -147,11 +152,19 @@ class Trainer:
             )
         return iter(it)
 
+    def inputs(self, engine: Any, batch: Batch, epoch: int | None) -> Batch:
+        """Model inputs on the engine's device: decoded rows are augmented (epoch) or eval-cropped (None) there."""
+        if self.data.decoded:
+            if self._preprocess is None or self._preprocess.device != torch.device(engine.device):
+                self._preprocess = build_preprocess(self.cfg, engine.device, self.dtype)
+            batch = self._preprocess(batch, epoch if self.cfg.data.augment else None)
+        return batch_to_device(batch, engine.device, self.dtype, self.cfg.loss.use_symbols)
+
     def train_step(
-        self, engine: Any, batch: Batch, pairs: tuple[Pair, ...]
+        self, engine: Any, batch: Batch, pairs: tuple[Pair, ...], epoch: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One micro step: batch to the device, forward, gathered loss, backward, optimizer step."""
-        batch = batch_to_device(batch, engine.device, self.dtype, self.cfg.loss.use_symbols)
+        """One micro step: inputs on the device, forward, gathered loss, backward, optimizer step."""
+        batch = self.inputs(engine, batch, epoch)
         loss, parts = forward_backward(engine, self.loss_fn, batch, pairs)
         if engine.is_gradient_accumulation_boundary():
             self.step += 1  # optimizer steps over the whole run (DeepSpeed's count restarts per stage)
@@ -167,7 +180,7 @@ class Trainer:
         t_start = t_last = time.perf_counter()
         for batch in self._batches(epoch_index):
             data_wait += time.perf_counter() - t_last
-            loss, parts = self.train_step(engine, batch, pairs)
+            loss, parts = self.train_step(engine, batch, pairs, epoch_index)
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0) + v.float()
             n_batches += 1
@@ -250,8 +263,9 @@ class Trainer:
         model: TriModalCLIP = engine.module
         images, labels = [], []
         for batch in self.data.val():
-            images.append(model.encode_image(batch["image"].to(engine.device, self.dtype)).float())
-            labels.append(batch["label"].to(engine.device))
+            batch = self.inputs(engine, batch, epoch=None)
+            images.append(model.encode_image(batch["image"]).float())
+            labels.append(batch["label"])
         text = model.encode_text(self.data.class_tokens.to(engine.device)).float().cpu().numpy()
         engine.train()
         if not images:

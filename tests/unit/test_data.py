@@ -37,7 +37,8 @@ def tokenizer() -> SimpleTokenizer:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """The 40 real GalaxyMNIST galaxies as shards: 3 files, row groups of 8 (exercises both levels)."""
+    """The 40 real GalaxyMNIST galaxies as shards: 3 files, row groups of 8 (exercises both levels), stored
+    losslessly (PNG) so pixel values can be compared exactly."""
     d = np.load(REAL / "galaxymnist_40_64px.npz")
     root = tmp_path_factory.mktemp("data")
     with h5py.File(root / "gm.hdf5", "w") as f:
@@ -50,6 +51,7 @@ def data_dir(tmp_path_factory) -> Path:
         rows_per_file=16,
         row_group_rows=8,
         progress=False,
+        image_format="png",
     )
     return out
 
