@@ -47,7 +47,12 @@ class ModelConfig:
     lock_image_unlocked_groups: int = 0  # ...but leave the last N layer groups trainable
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
+    # Activation checkpointing in every tower (recompute each block in backward): less activation memory,
+    # ~1/3 more compute. Only when memory needs it (a large micro batch on a small GPU).
     grad_checkpointing: bool = False
+    # Image and symbol tower inputs in channels_last (NHWC), so convolutions run in the layout GPU tensor cores
+    # are fastest in: for convolutional towers (ConvNeXt); a ViT has one convolution (the patch embedding).
+    channels_last: bool = False
 
 
 @dataclass
@@ -88,6 +93,9 @@ class OptimConfig:
     warmup_fraction: float = 0.05  # of each stage's optimizer steps
     schedule: str = "cosine"  # cosine | constant (after warmup)
     grad_clip: float = 1.0  # 0 = off
+    # torch's AdamW with fused=True (one kernel per parameter group instead of a loop of small ones), through
+    # DeepSpeed's torch_adam path. Not with engine.offload_optimizer (DeepSpeed's CPU Adam steps then).
+    fused: bool = False
 
 
 @dataclass
@@ -101,6 +109,13 @@ class EngineConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional on small hosts so Ray Data tasks still get CPU
     gpus_per_worker: float = 1.0
+    # torch.compile of each tower's forward (image, text, symbol; nn.Module.compile, so parameter names,
+    # state_dict keys, checkpoints and export are unchanged). ZeRO 0-2 only: DeepSpeed's ZeRO-3 gathers
+    # parameters in hooks that compiled graphs bypass. The first step of each stage pays the compilation.
+    compile: bool = False
+    # inductor (generates fused kernels: the fast one); aot_eager / eager trace without generating code
+    # (debugging a graph break or a numerical difference, quick CPU tests).
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -330,6 +345,19 @@ def check(cfg: Config) -> None:
         raise ConfigError("engine.offload_params: parameter offload needs engine.zero_stage=3")
     if e.offload_optimizer and e.zero_stage == 0:
         raise ConfigError("engine.offload_optimizer: optimizer offload needs engine.zero_stage >= 1")
+    _choice("engine.compile_backend", e.compile_backend, ("inductor", "aot_eager", "eager"))
+    if e.compile and e.zero_stage == 3:
+        raise ConfigError(
+            "engine.compile: not supported with engine.zero_stage=3: ZeRO-3 gathers each parameter in module "
+            "hooks and on attribute access, which a compiled graph bypasses (it traces the empty partitions; "
+            "open_clip's attention reads out_proj.weight without calling out_proj). Use engine.zero_stage 0-2 "
+            "with compile, or engine.compile=false"
+        )
+    if cfg.optim.fused and e.offload_optimizer:
+        raise ConfigError(
+            "optim.fused: torch's fused AdamW steps on the device; with engine.offload_optimizer DeepSpeed's "
+            "CPU Adam steps instead. Set optim.fused=false or engine.offload_optimizer=false"
+        )
     if e.precision == "fp16" and not e.use_gpu:
         raise ConfigError("engine.precision: fp16 needs GPUs (engine.use_gpu=true); use fp32 or bf16 on CPU")
     lr = cfg.optim.lr
