@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from galaxalign_dist.config import Config
-from galaxalign_dist.train.model import TriModalCLIP
+from galaxalign_dist.train.model import TriModalCLIP, compile_towers
 
 
 def set_accelerator(use_gpu: bool) -> None:
@@ -63,6 +63,9 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
         p.ndim < 2
         or "bias" in name
         or "ln" in name
+                # DeepSpeed passes the remaining params to torch.optim.AdamW(..., fused=True): one kernel per
+                # group (checked in tests/dist/test_switches.py).
+                **({"fused": True} if opt.fused else {}),
         or "bn" in name
         or "norm" in name
         or name == "logit_scale"
@@ -115,6 +118,10 @@ def build_engine(model: TriModalCLIP, cfg: Config, world_size: int, total_steps:
 def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """The full fp32 weights on every rank (collective under ZeRO: every rank must call it).
 
+    if cfg.engine.compile:
+        # Per tower, in place; compiled lazily at the first forward, after DeepSpeed has cast and flattened the
+        # parameters (config.check rules out ZeRO-3, whose parameter gathering compiled graphs bypass).
+        compile_towers(model, cfg.engine.compile_backend)
     ZeRO 1-3 and bf16 keep fp32 master weights apart from the module's (possibly low-precision)
     parameters; DeepSpeed's safe_get_full_fp32_param assembles them. Without master copies (fp32,
     ZeRO-0) the module parameters are the weights.
