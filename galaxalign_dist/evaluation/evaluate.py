@@ -28,7 +28,11 @@ def evaluate_model(
     max_test_rows: int | None = None,
     make_figures: bool = True,
 ) -> dict[str, Any]:
-    """metrics.json (heads, mAP@5, mAP) + confusion matrix, t-SNE, PCA grid and retrieval figures."""
+    """metrics.json (heads, mAP@5, mAP), prototypes.npz + confusion matrix, t-SNE, PCA grid and retrieval figures.
+
+    The reported head (``best_head``) is chosen on held-out train rows, never on ``split``
+    (metrics.select_head); every head's figures on ``split`` are in metrics.json's ``heads``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bundle = load_bundle(model_dir)
@@ -51,6 +55,7 @@ def evaluate_model(
         num_classes,
         train_image=None if train is None else train.image,
         train_labels=None if train is None else train.labels,
+        train_symbol=None if train is None else train.symbol,
     )
     result.update(
         model=str(model_dir),
@@ -60,6 +65,9 @@ def evaluate_model(
         image_size=bundle.image_size,
     )
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    # The class embeddings the prototype heads scored against (C, D each), for reuse and inspection.
+    protos = {"text": class_text} if proto is None else {"text": class_text, "symbol": proto}
+    np.savez(out_dir / "prototypes.npz", **protos)
     save_embeddings(test, out_dir / f"embeddings_{split}.parquet", split)
     if make_figures:
         pred = _best_head_predictions(result["best_head"], test, train, class_text, proto)

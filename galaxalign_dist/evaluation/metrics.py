@@ -236,6 +236,74 @@ def retrieval_map(
     }
 
 
+def _head_predictions(
+    image: np.ndarray,
+    class_text: np.ndarray,
+    class_symbol_proto: np.ndarray | None,
+    probe_train: tuple[np.ndarray, np.ndarray] | None,
+    seed: int,
+    probe_C: float,
+) -> dict[str, np.ndarray | None]:
+    """Each head's class predictions for ``image`` (N, D); None for a head whose inputs are missing."""
+    preds: dict[str, np.ndarray | None] = dict.fromkeys(HEADS)
+    preds["text"] = zero_shot(image, class_text)
+    if class_symbol_proto is not None:
+        preds["symbol"] = zero_shot(image, class_symbol_proto)
+        preds["fused"] = zero_shot(image, fused_prototypes(class_text, class_symbol_proto))
+    if probe_train is not None and len(np.unique(probe_train[1])) >= 2:
+        preds["linear_probe"] = linear_probe(*probe_train, image, seed=seed, C=probe_C)
+    return preds
+
+
+def select_head(
+    train_image: np.ndarray,
+    train_labels: np.ndarray,
+    class_text: np.ndarray,
+    num_classes: int,
+    train_symbol: np.ndarray | None = None,
+    class_symbol_proto: np.ndarray | None = None,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+    probe_C: float = 1.0,
+    candidates: tuple[str, ...] = HEADS,
+) -> dict:
+    """Choose the head to report from training rows only: no test row or test label is looked at.
+
+    A stratified ``holdout_fraction`` of the train rows is held out; symbol prototypes (from
+    ``train_symbol``, else the given ``class_symbol_proto``) and the linear probe are fitted on the
+    rest, every head among ``candidates`` is scored on the held-out rows, and the best macro F1 wins (ties: the earlier
+    head in text, symbol, fused, linear_probe order). Returns ``{"head", "split", "n", "f1_macro"}``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    train_labels = np.asarray(train_labels)
+    idx = np.arange(len(train_labels))
+    counts = np.bincount(train_labels, minlength=num_classes)
+    stratify = train_labels if counts[counts > 0].min() >= 2 else None
+    n_hold = max(1, int(round(holdout_fraction * len(idx))))
+    if stratify is not None:
+        n_hold = max(n_hold, int((counts > 0).sum()))  # one held-out row per class at least
+    if len(idx) - n_hold < 2:
+        raise ValueError(f"head selection needs at least 3 train rows, got {len(idx)}")
+    fit, hold = train_test_split(idx, test_size=n_hold, random_state=seed, stratify=stratify)
+    proto = class_symbol_proto
+    if train_symbol is not None:
+        fit_counts = np.bincount(train_labels[fit], minlength=num_classes)
+        proto = None
+        if (fit_counts > 0).all():
+            proto = symbol_prototypes(np.asarray(train_symbol)[fit], train_labels[fit], num_classes)
+    preds = _head_predictions(
+        train_image[hold], class_text, proto, (train_image[fit], train_labels[fit]), seed, probe_C
+    )
+    scores = {
+        name: classification_report(train_labels[hold], pred, num_classes)["f1_macro"]
+        for name, pred in preds.items()
+        if pred is not None and name in candidates
+    }
+    head = max(scores, key=scores.__getitem__)  # max keeps the first of ties
+    return {"head": head, "split": "train_holdout", "n": int(len(hold)), "f1_macro": scores}
+
+
 def evaluate_embeddings(
     test_image: np.ndarray,
     test_labels: np.ndarray,
@@ -247,47 +315,60 @@ def evaluate_embeddings(
     seed: int = 0,
     probe_C: float = 1.0,
     block_size: int = 1024,
+    train_symbol: np.ndarray | None = None,
+    holdout_fraction: float = 0.2,
 ) -> dict:
     """All evaluation metrics for one set of embeddings (docs/design.md#evaluation-protocol).
 
     Heads: ``text`` (zero-shot vs caption embeddings ``class_text`` (C, D)), ``symbol`` (vs
     ``class_symbol_proto`` from :func:`symbol_prototypes`), ``fused`` (:func:`fused_prototypes`)
     and ``linear_probe`` (fit on the train split). A head is None when its inputs are missing
-    (no symbol prototypes, no train split); the reason is logged. Top-level accuracy/F1 are
-    those of the head with the best macro F1 (named in ``best_head``; ties go to the earlier head
-    in text, symbol, fused, linear_probe order). mAP is leave-one-out retrieval on test images.
+    (no symbol prototypes, no train split); the reason is logged. ``heads`` holds every head's test
+    accuracy and macro F1. The top-level accuracy/F1 are the test figures of one head, ``best_head``,
+    chosen WITHOUT the test split (:func:`select_head`: on held-out train rows, recorded in
+    ``head_selection``); without train rows to choose on, the text head (zero-shot by caption) is
+    reported. mAP is leave-one-out retrieval on test images.
     """
     test_labels = np.asarray(test_labels)
     for name, protos in (("class_text", class_text), ("class_symbol_proto", class_symbol_proto)):
         if protos is not None and len(protos) != num_classes:
             raise ValueError(f"{name} has {len(protos)} rows, expected one per class ({num_classes})")
-    heads: dict[str, dict[str, float] | None] = dict.fromkeys(HEADS)
-    heads["text"] = classification_report(test_labels, zero_shot(test_image, class_text), num_classes)
-    if class_symbol_proto is None:
-        log.info("evaluate_embeddings: no symbol prototypes given; symbol and fused heads skipped")
-    else:
-        heads["symbol"] = classification_report(
-            test_labels, zero_shot(test_image, class_symbol_proto), num_classes
-        )
-        fused = fused_prototypes(class_text, class_symbol_proto)
-        heads["fused"] = classification_report(test_labels, zero_shot(test_image, fused), num_classes)
     if (train_image is None) != (train_labels is None):
         raise ValueError("give both train_image and train_labels, or neither")
+    if class_symbol_proto is None:
+        log.info("evaluate_embeddings: no symbol prototypes given; symbol and fused heads skipped")
     if train_image is None:
         log.info("evaluate_embeddings: no train split given; linear probe skipped")
     elif len(np.unique(train_labels)) < 2:
         log.info("evaluate_embeddings: train split has a single class; linear probe skipped")
+    probe_train = None if train_image is None else (train_image, train_labels)
+    preds = _head_predictions(test_image, class_text, class_symbol_proto, probe_train, seed, probe_C)
+    heads = {
+        name: None if pred is None else classification_report(test_labels, pred, num_classes)
+        for name, pred in preds.items()
+    }
+    if train_image is not None and len(train_labels) >= 3:
+        selection = select_head(
+            np.asarray(train_image),
+            train_labels,
+            class_text,
+            num_classes,
+            train_symbol=train_symbol,
+            class_symbol_proto=class_symbol_proto,
+            holdout_fraction=holdout_fraction,
+            seed=seed,
+            probe_C=probe_C,
+            candidates=tuple(name for name, m in heads.items() if m is not None),
+        )
     else:
-        pred = linear_probe(train_image, train_labels, test_image, seed=seed, C=probe_C)
-        heads["linear_probe"] = classification_report(test_labels, pred, num_classes)
-
-    scored = [(name, m) for name, m in heads.items() if m is not None]
-    best_head, best = max(scored, key=lambda nm: nm[1]["f1_macro"])  # max keeps the first of ties
+        selection = {"head": "text", "split": None, "n": 0, "f1_macro": {}}
+    best_head = selection.pop("head")
     retrieval = retrieval_map(test_image, test_labels, k=5, block_size=block_size)
     return {
-        "accuracy": best["accuracy"],
-        "f1_macro": best["f1_macro"],
+        "accuracy": heads[best_head]["accuracy"],
+        "f1_macro": heads[best_head]["f1_macro"],
         "best_head": best_head,
+        "head_selection": selection,
         "map_at_5": retrieval["map_at_5"],
         "map": retrieval["map"],
         "heads": heads,
