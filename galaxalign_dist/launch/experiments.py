@@ -119,12 +119,13 @@ def fewshot(cfg: Config, out: str | Path, fractions: list[float]) -> list[dict[s
     from galaxalign_dist.data.shards import is_prepared, read_metadata, write_subset
 
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    # Every check before anything is written: bad input leaves no --out directory behind.
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ValueError(f"fractions must be in (0, 1], got {fractions}")
     from galaxalign_dist.launch.train import ensure_dataset
 
     ensure_dataset(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for frac in sorted(fractions):
         name = f"fraction_{frac:g}"

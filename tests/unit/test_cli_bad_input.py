@@ -387,7 +387,9 @@ CASES = [
     ),
     Case(
         "fewshot-fractions-out-of-range",
-        "fewshot --out {tmp}/out --fractions 0,2 --set data.path={world}/data",
+        # A fresh --out (the test pre-creates {tmp}/out): the fractions are refused before it is made
+        # (tests/unit/test_cli_experiments.py checks that the directory is never created).
+        "fewshot --out {tmp}/fewshot-out --fractions 0,2 --set data.path={world}/data",
         ("fractions must be in (0, 1], got [0.0, 2.0]",),
     ),
     Case(
