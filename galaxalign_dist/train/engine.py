@@ -50,6 +50,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
                 # torch's AdamW: DeepSpeed's fused CPU Adam would JIT-compile for ~80 s on first use.
                 # ZeRO-Offload needs DeepSpeed's CPU Adam, which DeepSpeed picks itself.
                 **({} if e.offload_optimizer else {"torch_adam": True}),
+                # DeepSpeed passes the remaining params to torch.optim.AdamW(..., fused=True): one kernel per
+                # group (checked in tests/dist/test_switches.py).
+                **({"fused": True} if opt.fused else {}),
             },
         },
         "steps_per_print": 10**9,  # we log ourselves
@@ -63,9 +66,6 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
         p.ndim < 2
         or "bias" in name
         or "ln" in name
-                # DeepSpeed passes the remaining params to torch.optim.AdamW(..., fused=True): one kernel per
-                # group (checked in tests/dist/test_switches.py).
-                **({"fused": True} if opt.fused else {}),
         or "bn" in name
         or "norm" in name
         or name == "logit_scale"
@@ -105,6 +105,10 @@ def build_engine(model: TriModalCLIP, cfg: Config, world_size: int, total_steps:
     set_accelerator(cfg.engine.use_gpu)
     import deepspeed  # imported late: DS_ACCELERATOR must be set first
 
+    if cfg.engine.compile:
+        # Per tower, in place; compiled lazily at the first forward, after DeepSpeed has cast and flattened the
+        # parameters (config.check rules out ZeRO-3, whose parameter gathering compiled graphs bypass).
+        compile_towers(model, cfg.engine.compile_backend)
     sched = lr_lambda(total_steps, cfg.optim.warmup_fraction, cfg.optim.schedule)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -118,10 +122,6 @@ def build_engine(model: TriModalCLIP, cfg: Config, world_size: int, total_steps:
 def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """The full fp32 weights on every rank (collective under ZeRO: every rank must call it).
 
-    if cfg.engine.compile:
-        # Per tower, in place; compiled lazily at the first forward, after DeepSpeed has cast and flattened the
-        # parameters (config.check rules out ZeRO-3, whose parameter gathering compiled graphs bypass).
-        compile_towers(model, cfg.engine.compile_backend)
     ZeRO 1-3 and bf16 keep fp32 master weights apart from the module's (possibly low-precision)
     parameters; DeepSpeed's safe_get_full_fp32_param assembles them. Without master copies (fp32,
     ZeRO-0) the module parameters are the weights.
