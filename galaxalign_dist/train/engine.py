@@ -18,9 +18,22 @@ def set_accelerator(use_gpu: bool) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+# DeepSpeed's default staging-buffer sizes (elements): reduce/all-gather buckets, ZeRO-3 prefetch bucket.
+DEFAULT_BUCKET, DEFAULT_PREFETCH_BUCKET = int(5e8), int(5e7)
+
+
+def deepspeed_config(cfg: Config, world_size: int, n_params: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a run; `n_params` (trainable parameters) caps the staging buffers."""
     e = cfg.engine
     zero: dict[str, Any] = {"stage": e.zero_stage}
+    if n_params and e.zero_stage >= 1:
+        # A bucket larger than the model's whole gradient buys nothing, and DeepSpeed allocates it up front:
+        # 5e8 fp32 elements are 1.9 GiB on every rank, ~500x the tiny model's gradient (tests/dist/test_zero_core.py).
+        # (Rounded up to a multiple of 4096: DeepSpeed wants buckets aligned to its NCCL start alignment.)
+        bucket = min(DEFAULT_BUCKET, -(-n_params // 4096) * 4096)
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+        if e.zero_stage == 3:
+            zero.update(stage3_prefetch_bucket_size=min(DEFAULT_PREFETCH_BUCKET, bucket))
     if e.zero_stage >= 2:
         zero.update(overlap_comm=e.use_gpu, contiguous_gradients=True)
     if e.offload_optimizer:
@@ -110,13 +123,52 @@ def build_engine(model: TriModalCLIP, cfg: Config, world_size: int, total_steps:
         # parameters (config.check rules out ZeRO-3, whose parameter gathering compiled graphs bypass).
         compile_towers(model, cfg.engine.compile_backend)
     sched = lr_lambda(total_steps, cfg.optim.warmup_fraction, cfg.optim.schedule)
+    # In bf16/fp16 DeepSpeed casts the module first and then creates the fp32 master weights from the cast
+    # parameters: the masters would be the rounded weights (pretrained ones, or stage 1's at the stage 1 -> 2
+    # copy). Keep the exact fp32 values and write them into the masters afterwards.
+    exact = (
+        {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if cfg.engine.precision != "fp32"
+        else None
+    )
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg),
-        config=deepspeed_config(cfg, world_size),
+        config=deepspeed_config(
+            cfg, world_size, n_params=sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
     )
+    if exact is not None:
+        set_fp32_masters(engine, exact)
     return engine
+
+
+def set_fp32_masters(engine, weights: dict[str, torch.Tensor]) -> None:  # noqa: ANN001
+    """Write full fp32 weights (name -> tensor) into the optimizer's fp32 master copies (this rank's part).
+
+    Local to each rank (no collective). DeepSpeed's safe_set_full_fp32_param slices past the end of a ZeRO-3
+    parameter whose last partition is all padding (the 1-element temperature on 2 ranks), so ZeRO-3
+    partitions are sliced here, padded as ZeRO-3 pads them.
+    """
+    import torch.distributed as dist
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    for name, p in engine.module.named_parameters():
+        if name not in weights or not p.requires_grad:
+            continue
+        value = weights[name].to(torch.float32).flatten()
+        if hasattr(p, "ds_id"):
+            part = p.ds_tensor.numel()
+            rank, size = (
+                dist.get_rank(group=p.ds_process_group),
+                dist.get_world_size(group=p.ds_process_group),
+            )
+            padded = value.new_zeros(part * size)
+            padded[: value.numel()] = value
+            safe_set_local_fp32_param(p, padded[rank * part : (rank + 1) * part].to(p.ds_tensor.device))
+        else:
+            safe_set_full_fp32_param(p, value.to(p.device))
 
 
 def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
