@@ -14,7 +14,7 @@ def test_packaged_configs_load_and_round_trip(tmp_path):
         cfg = config.load(name)
         cfg.save(tmp_path / f"{name}.yaml")
         assert config.load(tmp_path / f"{name}.yaml") == cfg  # dumped YAML is a loadable config
-    assert {"demo_cpu", "galaxy10_vitb16", "galaxymnist_convnext", "gzdesi_zero3"} <= set(
+    assert {"demo_cpu", "galaxy10_vitb16", "galaxymnist_convnext", "gzdesi_vitb16"} <= set(
         config.list_packaged()
     )
 
