@@ -16,7 +16,7 @@ install: $(STAMP)
 # Install order matters: DeepSpeed is an sdist whose setup.py imports torch, so torch (pinned with
 # its matching torchvision) goes in first and DeepSpeed builds against it without build isolation
 # (no second multi-GB torch download into an isolated build env; no ops are compiled at install).
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet "torch==2.15.0" "torchvision==0.29.2"
