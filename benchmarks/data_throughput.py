@@ -279,7 +279,7 @@ def encodings(images: np.ndarray) -> list[tuple[str, float, float, float]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
-    for fmt in IMAGE_FORMATS:
+    for fmt in (f for f in IMAGE_FORMATS if f != "auto"):
         blobs = [encode(img, fmt) for img in images]
         c0 = time.process_time()
         back = np.stack([decode(b).permute(1, 2, 0).numpy() for b in blobs])

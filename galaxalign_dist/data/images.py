@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-from galaxalign_dist.data.options import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS
+from galaxalign_dist.data.options import AUTO_JPEG_MIN_SIDE, DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS
 
 # torchvision.io.decode_image (used by data.TripletTransform) reads these; other formats are re-encoded.
 PASSTHROUGH_FORMATS = {"JPEG", "PNG", "WEBP"}
@@ -23,8 +23,16 @@ JPEG_QUALITY = 95
 RAW_MAGIC = b"GRW1"
 
 
+def resolve_format(fmt: str, height: int, width: int) -> str:
+    """The stored format `fmt` means for an image of this size ("auto": jpeg from AUTO_JPEG_MIN_SIDE px, else png)."""
+    if fmt == "auto":
+        return "jpeg" if min(height, width) >= AUTO_JPEG_MIN_SIDE else "png"
+    return fmt
+
+
 def encode(image: np.ndarray, fmt: str = DEFAULT_IMAGE_FORMAT) -> bytes:
     """(H, W, 3) uint8 pixels as stored bytes in `fmt` (one of IMAGE_FORMATS)."""
+    fmt = resolve_format(fmt, *image.shape[:2])
     if fmt == "png":
         return encode_png(image)
     if fmt == "jpeg":

@@ -29,13 +29,15 @@ NOT_GZDESI_LABELS = "labels come from the vote fractions"
 NOT_GZDESI_FILES = "shards are cut by --rows-per-shard"
 
 
-# How pixel arrays (Galaxy10 / GalaxyMNIST HDF5, synthetic) are stored; measured on 100 real Galaxy10
-# images at 256 px (benchmarks/RESULTS.md#stored-image-encoding), one core: PNG decodes in 2.3 ms and
-# takes 120 KiB; JPEG quality 95 with full-resolution chroma in 0.6 ms and 30 KiB, 48 dB PSNR (mean
-# error 0.6 of 255); raw in 0.1 ms and 192 KiB. JPEG is the default: 4x less decode CPU and 4x less
-# storage and object-store traffic than PNG, below the noise of the survey images; CUDA decodes it too.
-IMAGE_FORMATS = ("jpeg", "png", "raw")
-DEFAULT_IMAGE_FORMAT = "jpeg"
+# How pixel arrays (Galaxy10 / GalaxyMNIST HDF5, synthetic) are stored (benchmarks/RESULTS.md#stored-image-
+# encoding, one core): on 100 real Galaxy10 images at 256 px, PNG decodes in 2.3 ms and takes 120 KiB; JPEG
+# quality 95 with full-resolution chroma in 0.6 ms and 30 KiB at 48 dB PSNR (mean error 0.6 of 255); raw in
+# 0.1 ms and 192 KiB. On 64 px GalaxyMNIST, PNG decodes in 0.19 ms and JPEG's 8x8 blocks cost small images
+# most (mean error 2.2). So `auto` (the default) stores JPEG from AUTO_JPEG_MIN_SIDE px up, where decoding is
+# the data side's main cost (4x less CPU and storage than PNG; CUDA decodes it too), and PNG below it.
+IMAGE_FORMATS = ("auto", "jpeg", "png", "raw")
+DEFAULT_IMAGE_FORMAT = "auto"
+AUTO_JPEG_MIN_SIDE = 128
 
 
 def _opt(default: Any, help: str, *, only: str | None = None, not_for: str | None = None, why: str = "",
@@ -172,8 +174,9 @@ class PrepareOptions:
     )  # fmt: skip
     row_group_rows: int = _opt(DEFAULT_ROW_GROUP_ROWS, "rows per Parquet row group (default 256)")
     image_format: str = _opt(
-        DEFAULT_IMAGE_FORMAT, "how pixel arrays (galaxy10, galaxymnist, synthetic) are stored: jpeg (quality "
-        "95, default), png (lossless) or raw (no decode, 6x the bytes); image files are stored as given",
+        DEFAULT_IMAGE_FORMAT, "how pixel arrays (galaxy10, galaxymnist, synthetic) are stored: auto (default: "
+        "jpeg from 128 px, png below), jpeg (quality 95), png (lossless) or raw (no decode, 6x the bytes of "
+        "jpeg); image files are stored as given",
         not_for=GZDESI, why="its images are JPEG files, stored as given",
     )  # fmt: skip
     progress: bool = _opt(True, "no progress bar", flag="--no-progress")

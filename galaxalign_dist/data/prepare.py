@@ -17,7 +17,7 @@ from tqdm import tqdm
 from galaxalign_dist.data import shards
 from galaxalign_dist.data.gzdesi_prepare import prepare_gzdesi
 from galaxalign_dist.data.gzdesi_runners import Runner
-from galaxalign_dist.data.images import MAX_LISTED_SKIPS, check_image, encode
+from galaxalign_dist.data.images import MAX_LISTED_SKIPS, check_image, encode, resolve_format
 from galaxalign_dist.data.options import GZDESI, PrepareOptions
 from galaxalign_dist.data.sources import Chunk, Source, open_source, parse_source
 from galaxalign_dist.data.splits import hash_split
@@ -81,9 +81,10 @@ class _Preparer:
         m = len(chunk.ids)
         problems = dict(chunk.problems)
         if chunk.images is not None:
-            images = list(self.pool.map(functools.partial(encode, fmt=self.image_format), chunk.images))
+            fmt = resolve_format(self.image_format, *chunk.images.shape[1:3])
+            images = list(self.pool.map(functools.partial(encode, fmt=fmt), chunk.images))
             self.sizes[tuple(chunk.images.shape[1:3])] += m
-            self.formats[self.image_format.upper()] += m
+            self.formats[fmt.upper()] += m
         else:
             images = [None] * m
             todo = [i for i in range(m) if i not in problems]

@@ -8,7 +8,6 @@ catalogue must fail before any output, with exit code 2 and one line naming the 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,16 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import galaxy_jpegs, real_path
 from galaxalign_dist.cli.main import main
 from galaxalign_dist.data import gzdesi, shards
 from galaxalign_dist.data.prepare import prepare
 
-REAL = Path(
-    os.environ.get(
-        "GALAXALIGN_REAL_GALAXIES", Path(__file__).resolve().parents[3] / "shared/data/real-galaxies"
-    )
-)
-SPIRALS = REAL / "gz-kaggle-spirals"
 N_ROWS = 80
 CLI = [sys.executable, "-m", "galaxalign_dist.cli.main"]
 FRACTION = "smooth-or-featured_smooth_fraction"
@@ -43,7 +37,7 @@ def gz(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     fractions with NaN), and an image root holding `{brickid}/{dr8_id}.jpg` links to real 424 px JPEGs."""
     root = tmp_path_factory.mktemp("gz")
     table = gzdesi.synthetic_catalogue(N_ROWS, seed=5)
-    jpegs = sorted((SPIRALS / "images").glob("*/*/*.jpg"))
+    jpegs = galaxy_jpegs(N_ROWS, root / "jpegs")
     for rel, jpeg in zip(gzdesi.image_relpath(table["dr8_id"]).to_pylist(), jpegs, strict=False):
         (root / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / "images" / rel).symlink_to(jpeg)
@@ -134,7 +128,11 @@ def test_gzdesi_issue_18_through_the_cli(gz, tmp_path, capsys):
 
 
 def test_catalog_every_writer_gives_identical_shards(tmp_path):
-    df = pd.read_csv(SPIRALS / "labels.csv", dtype={"galaxy_id": str}).groupby(["split", "class"]).head(5)
+    df = (
+        pd.read_csv(real_path("gz-kaggle-spirals") / "labels.csv", dtype={"galaxy_id": str})
+        .groupby(["split", "class"])
+        .head(5)
+    )
     df["ra"] = np.linspace(0, 90, len(df)).astype("float32")
     writers = {
         "csv": lambda p: df.to_csv(p, index=False),
@@ -151,7 +149,7 @@ def test_catalog_every_writer_gives_identical_shards(tmp_path):
         cat = tmp_path / f"{name}.{'csv' if name == 'csv' else 'parquet'}"
         write(cat)
         out = tmp_path / f"out-{name}"
-        prepare(f"catalog:{cat}", out, image_root=SPIRALS, id_column="galaxy_id", path_column="path",
+        prepare(f"catalog:{cat}", out, image_root=real_path("gz-kaggle-spirals"), id_column="galaxy_id", path_column="path",
                 label_column="class", progress=False)  # fmt: skip
         results[name] = _rows(out)
     reference = results.pop("csv")
@@ -228,7 +226,7 @@ def test_unusable_gzdesi_catalogue_fails_in_one_line(kind, gz, tmp_path):
 
 @pytest.mark.parametrize("kind", ["path-as-int", "ra-as-text"])
 def test_unusable_catalog_fails_in_one_line(kind, tmp_path):
-    df = pd.read_csv(SPIRALS / "labels.csv").head(6)
+    df = pd.read_csv(real_path("gz-kaggle-spirals") / "labels.csv").head(6)
     if kind == "path-as-int":
         df["path"] = range(6)
         want = "column 'path' (image path) holds int64, expected strings"
@@ -237,7 +235,7 @@ def test_unusable_catalog_fails_in_one_line(kind, tmp_path):
         want = "column 'ra' (copied as float64) holds large_string, expected numbers"
     cat = tmp_path / "bad.parquet"
     df.to_parquet(cat)
-    args = [f"catalog:{cat}", "--image-root", str(SPIRALS), "--id-column", "galaxy_id", "--path-column", "path",
+    args = [f"catalog:{cat}", "--image-root", str(real_path("gz-kaggle-spirals")), "--id-column", "galaxy_id", "--path-column", "path",
             "--label-column", "class"]  # fmt: skip
     _fails_in_one_line(args, f"catalogue {cat}: {want}", tmp_path)
 

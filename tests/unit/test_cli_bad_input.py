@@ -31,14 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REAL_GALAXIES
+from conftest import galaxy_jpegs
 
 # 35 subprocesses, most of them importing torch: about 2 CPU-minutes, several on a busy host.
 pytestmark = [pytest.mark.slow]
 
 CLI = [sys.executable, "-m", "galaxalign_dist.cli.main"]
 RUN_TIMEOUT_S = 300  # one subprocess; each imports torch, on a host that may be busy training
-SPIRALS = Path(REAL_GALAXIES) / "gz-kaggle-spirals" / "images" / "train" / "spirals"
 
 
 # ----------------------------------------------------------------------------- valid inputs, built once
@@ -72,7 +71,7 @@ def world(tmp_path_factory) -> Path:
     build_index(rng.normal(size=(40, 64)).astype(np.float32), ids, root / "index")
     source = {"model": str(root / "model"), "data": str(root / "data"), "splits": ["train", "test"]}
     (root / "index" / "source.json").write_text(json.dumps(source))
-    shutil.copy(sorted(SPIRALS.glob("*.jpg"))[0], root / "galaxy.jpg")  # a real galaxy as query
+    shutil.copy(galaxy_jpegs(3, root / "jpegs")[0], root / "galaxy.jpg")  # a galaxy as query
     return root
 
 
@@ -174,11 +173,11 @@ def garbage_jpeg(w: Path, d: Path) -> None:
 
 
 def catalogue(rows: list[str], header: str = "id,path,label") -> Callable[[Path, Path], None]:
-    """A catalogue CSV (cat.csv) next to img/a.jpg, img/b.jpg (real galaxies) and img/trunc.jpg (half a JPEG)."""
+    """A catalogue CSV (cat.csv) next to img/a.jpg, img/b.jpg (galaxies) and img/trunc.jpg (half a JPEG)."""
 
     def make(w: Path, d: Path) -> None:
         (d / "img").mkdir()
-        jpgs = sorted(SPIRALS.glob("*.jpg"))
+        jpgs = galaxy_jpegs(3, w / "jpegs")
         shutil.copy(jpgs[0], d / "img" / "a.jpg")
         shutil.copy(jpgs[1], d / "img" / "b.jpg")
         (d / "img" / "trunc.jpg").write_bytes(jpgs[2].read_bytes()[:3000])
@@ -201,6 +200,51 @@ def file(name: str, text: str) -> Callable[[Path, Path], None]:
 BROKEN_YAML = "data:\n  path: x\n engine: {zero_stage: 2\n"  # line 3: indentation + unclosed flow mapping
 NO_DATA = "--set data.path={tmp}/nodata --set data.prepare_source="  # and no source to prepare it from
 SPACE = "base_config: demo_cpu\nspace:\n  optim.lr.image: loguniform(1.0e-4, 1.0e-3)\n"
+
+
+# ----------------------------------------------------------------------------- embed / index / search at scale
+# (issue 15) Each fails in the driver's checks, before any Ray: metadata, footers, the output's plan.
+
+
+def _world_embeddings(w: Path) -> Path:
+    """A `galaxalign embed --local` output of the world's test split, made once and copied per case."""
+    from galaxalign_dist.evaluation.embed_job import EmbedOptions, embed_local
+
+    emb = w / "embeddings"
+    if not (emb / "embeddings.json").exists():
+        embed_local(w / "model", w / "data", emb, EmbedOptions(splits=["test"], progress=False))
+    return emb
+
+
+def shard_without_symbol(w: Path, d: Path) -> None:
+    f = _copy(w / "data", d / "data") / "test" / "part-00000.parquet"
+    pq.write_table(pq.read_table(f).drop_columns(["symbol"]), f)
+
+
+def empty_val_split(w: Path, d: Path) -> None:
+    data = _copy(w / "data", d / "data")
+    meta_file = next(p for p in data.iterdir() if p.name.endswith("metadata.json"))
+    meta = json.loads(meta_file.read_text())
+    meta["splits"]["val"] = {"rows": 0, "files": [], "per_class": {}}
+    meta_file.write_text(json.dumps(meta))
+
+
+def folder_without_images(w: Path, d: Path) -> None:
+    (d / "imgs" / "sub").mkdir(parents=True)
+    (d / "imgs" / "sub" / "notes.txt").write_text("no pictures here\n")
+
+
+def embeddings_copy(w: Path, d: Path) -> None:
+    _copy(_world_embeddings(w), d / "emb")
+
+
+def embeddings_of_32_d(w: Path, d: Path) -> None:
+    meta = _copy(_world_embeddings(w), d / "emb") / "embeddings.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "dim": 32}))
+
+
+def unfinished_embeddings(w: Path, d: Path) -> None:
+    (_copy(_world_embeddings(w), d / "emb") / "embeddings.json").unlink()
 
 
 # ----------------------------------------------------------------------------- the table
@@ -422,6 +466,67 @@ CASES = [
         "tune --config {tmp}/space.yaml --out {tmp}/out " + NO_DATA,
         ("dataset directory {tmp}/nodata does not exist",),
         file("space.yaml", SPACE),
+    ),
+    # embed / index / search / eval --embeddings (issue 15): each fails in the driver's checks, before Ray
+    Case(
+        "embed-missing-column",
+        "embed {world}/model --data {tmp}/data --out {tmp}/out/emb",
+        (
+            "{tmp}/data/test/part-00000.parquet: no column 'symbol' (needed for --modalities image,text,symbol)",
+        ),
+        shard_without_symbol,
+    ),
+    Case(
+        "embed-empty-split",
+        "embed {world}/model --data {tmp}/data --split val --out {tmp}/out/emb",
+        ("{tmp}/data: split 'val' has no rows to embed",),
+        empty_val_split,
+    ),
+    Case(
+        "embed-folder-without-images",
+        "embed {world}/model --data {tmp}/imgs --modalities image --out {tmp}/out/emb",
+        ("{tmp}/imgs: no image files",),
+        folder_without_images,
+    ),
+    Case(
+        "embed-text-of-image-folder",
+        "embed {world}/model --data {tmp}/imgs --out {tmp}/out/emb",
+        ("{tmp}/imgs is a folder of images (no captions or symbols)", "--modalities image"),
+        folder_without_images,
+    ),
+    Case(
+        "embed-resume-with-other-settings",
+        "embed {world}/model --data {world}/data --split test --dtype float16 --out {tmp}/emb",
+        ("{tmp}/emb holds embeddings made with other settings (dtype)", "--overwrite"),
+        embeddings_copy,
+    ),
+    Case(
+        "eval-embeddings-dim-mismatch",
+        "eval {world}/model --data {world}/data --embeddings {tmp}/emb --out {tmp}/out --no-figures",
+        ("embeddings {tmp}/emb are 32-d but model {world}/model makes 64-d ones",),
+        embeddings_of_32_d,
+    ),
+    Case(
+        "index-unfinished-embeddings",
+        "index {tmp}/emb --out {tmp}/out/idx",
+        ("{tmp}/emb is not a finished `galaxalign embed` output: no embeddings.json", "rerun"),
+        unfinished_embeddings,
+    ),
+    Case(
+        "index-bad-factory",
+        "index {tmp}/emb --out {tmp}/out/idx --factory IVFx,PQ",
+        ("--factory 'IVFx,PQ': not a faiss index_factory string for 64-d vectors",),
+        embeddings_copy,
+    ),
+    Case(
+        "search-unknown-id",
+        "search --id no-such-galaxy --index {world}/index",
+        ("id 'no-such-galaxy' is not in index",),
+    ),
+    Case(
+        "search-two-queries",
+        "search {world}/galaxy.jpg --text 'a barred spiral galaxy' --index {world}/index",
+        ("give exactly one query",),
     ),
 ]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -15,17 +14,13 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
+from conftest import real_path
 from galaxalign_dist.data import shards
 from galaxalign_dist.data.prepare import prepare
 from galaxalign_dist.data.reader import iter_batches, to_numpy
 from galaxalign_dist.data.symbols import render_symbol
 from galaxalign_dist.data.transform import TripletTransform
 
-REAL = Path(
-    os.environ.get(
-        "GALAXALIGN_REAL_GALAXIES", Path(__file__).resolve().parents[3] / "shared/data/real-galaxies"
-    )
-)
 MEAN = np.array(OPENAI_DATASET_MEAN, np.float32)[:, None, None]
 STD = np.array(OPENAI_DATASET_STD, np.float32)[:, None, None]
 
@@ -39,7 +34,7 @@ def tokenizer() -> SimpleTokenizer:
 def data_dir(tmp_path_factory) -> Path:
     """The 40 real GalaxyMNIST galaxies as shards: 3 files, row groups of 8 (exercises both levels), stored
     losslessly (PNG) so pixel values can be compared exactly."""
-    d = np.load(REAL / "galaxymnist_40_64px.npz")
+    d = np.load(real_path("galaxymnist_40_64px.npz"))
     root = tmp_path_factory.mktemp("data")
     with h5py.File(root / "gm.hdf5", "w") as f:
         f["images"], f["labels"] = d["images"], d["labels"]
@@ -69,7 +64,7 @@ def test_eval_transform_shapes_and_normalisation(data_dir, tokenizer):
     assert out["tokens"].shape == (8, 32) and out["tokens"].dtype == np.int64
     assert out["label"].dtype == np.int64 and list(out["label"]) == list(batch["label"])
     assert "id" not in out
-    pixels = np.load(REAL / "galaxymnist_40_64px.npz")["images"][:8]
+    pixels = np.load(real_path("galaxymnist_40_64px.npz"))["images"][:8]
     expected = (pixels.transpose(0, 3, 1, 2) / np.float32(255) - MEAN) / STD  # 64 px in, 64 px out
     np.testing.assert_allclose(out["image"], expected, atol=1e-5)
     # Same as open_clip's eval preprocessing (it resizes with PIL, we with torchvision).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
 
+from conftest import galaxy_jpegs
 from galaxalign_dist.cli.main import main
 from galaxalign_dist.data import gzdesi, gzdesi_convert, shards
 from galaxalign_dist.data.gzdesi_prepare import prepare_gzdesi
@@ -27,21 +28,16 @@ from galaxalign_dist.data.schemas import get_schema, parse_symbol_spec
 from galaxalign_dist.data.splits import hash_split
 from galaxalign_dist.data.transform import TripletTransform
 
-REAL = Path(
-    os.environ.get(
-        "GALAXALIGN_REAL_GALAXIES", Path(__file__).resolve().parents[3] / "shared/data/real-galaxies"
-    )
-)
 N_ROWS, SHARD = 150, 40  # 4 shards (the last one short); catalogue row groups of 64 cut across them
 
 
 def _make(root: Path, drop: tuple[str, ...] = ()) -> tuple[Path, Path, pa.Table]:
-    """Catalogue + image root whose `{brickid}/{brickid}_{objid}.jpg` are symlinks to real 424 px JPEGs."""
+    """Catalogue + image root whose `{brickid}/{brickid}_{objid}.jpg` are symlinks to galaxy JPEGs."""
     table = gzdesi.synthetic_catalogue(N_ROWS, seed=3)
     table = table.drop_columns(list(drop))
     cat = root / "gz_desi_catalog.parquet"
     pq.write_table(table, cat, row_group_size=64)
-    jpegs = sorted((REAL / "gz-kaggle-spirals" / "images").glob("*/*/*.jpg"))
+    jpegs = galaxy_jpegs(N_ROWS, root / "jpegs")
     images = root / "images"
     for rel, jpeg in zip(gzdesi.image_relpath(table["dr8_id"]).to_pylist(), jpegs, strict=False):
         (images / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +86,8 @@ def test_cli_end_to_end_class_mode(data, tmp_path, capsys):
     reasons = gzdesi.count_reasons(gzdesi.map_batch(table, gzdesi.GZDesiMapping()))
     assert meta["gzdesi"]["excluded"] == reasons
     assert meta["gzdesi"]["excluded_count"] == N_ROWS - len(expected)
-    assert meta["image_size"] == [424, 424] and meta["image_formats"] == {"JPEG": len(expected)}
+    side = Image.open(galaxy_jpegs(1, tmp_path / "jpegs")[0]).size[0]  # 424 px real, 128 px synthetic
+    assert meta["image_size"] == [side, side] and meta["image_formats"] == {"JPEG": len(expected)}
     assert meta["skipped"]["count"] == 0 and meta["columns"] == [*shards.ARROW_SCHEMA.names, "ra", "dec"]
     seen = set()
     for split in shards.SPLITS:

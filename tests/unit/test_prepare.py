@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import os
 import shutil
 from pathlib import Path
 
@@ -18,17 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from conftest import real_path
 from galaxalign_dist.cli.main import main
 from galaxalign_dist.data import shards
+from galaxalign_dist.data.images import decode
 from galaxalign_dist.data.prepare import prepare
 from galaxalign_dist.data.schemas import GALAXY10, GALAXY_MNIST
-
-REAL = Path(
-    os.environ.get(
-        "GALAXALIGN_REAL_GALAXIES", Path(__file__).resolve().parents[3] / "shared/data/real-galaxies"
-    )
-)
-SPIRALS = REAL / "gz-kaggle-spirals"
 
 
 def _rows(out: Path, split: str) -> dict[str, list]:
@@ -47,7 +41,7 @@ def _no_dataset_left(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def g10(tmp_path_factory) -> tuple[Path, dict]:
-    d = np.load(REAL / "galaxy10_decals_100.npz")
+    d = np.load(real_path("galaxy10_decals_100.npz"))
     path = tmp_path_factory.mktemp("g10") / "Galaxy10_DECals.h5"
     with h5py.File(path, "w") as f:
         f["images"], f["ans"] = d["images"], d["labels"]
@@ -58,7 +52,7 @@ def g10(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def gm_dir(tmp_path_factory) -> Path:
     """GalaxyMNIST layout: train_dataset.hdf5 (30 rows) and a gzip-compressed test file (10 rows)."""
-    d = np.load(REAL / "galaxymnist_40_64px.npz")
+    d = np.load(real_path("galaxymnist_40_64px.npz"))
     root = tmp_path_factory.mktemp("gm")
     test_rows = np.arange(40) % 4 == 0
     with h5py.File(root / "train_dataset.hdf5", "w") as f:
@@ -74,7 +68,7 @@ def gm_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def spirals_csv(tmp_path_factory) -> Path:
     """A 24-row subset of the gz-kaggle-spirals catalogue (6 per split and class), images left in place."""
-    with open(SPIRALS / "labels.csv") as f:
+    with open(real_path("gz-kaggle-spirals") / "labels.csv") as f:
         rows = list(csv.DictReader(f))
     keep, seen = [], {}
     for r in rows:
@@ -102,7 +96,10 @@ SPIRAL_MAPPING = dict(
 def test_galaxy10_h5(g10, tmp_path):
     path, src = g10
     out = tmp_path / "g10"
-    meta = prepare(f"galaxy10:{path}", out, rows_per_file=32, row_group_rows=16, progress=False)
+    # png: lossless, so stored pixels can be compared exactly (the default JPEG is tested below)
+    meta = prepare(
+        f"galaxy10:{path}", out, rows_per_file=32, row_group_rows=16, progress=False, image_format="png"
+    )
     assert meta["schema"] == "galaxy10" and meta["num_rows"] == 100 and meta["image_size"] == [256, 256]
     assert meta["captions"] == GALAXY10.captions and meta["symbols"] == [c.symbol for c in GALAXY10.classes]
     assert meta["split_method"].startswith("hash")
@@ -130,7 +127,7 @@ def test_galaxy10_h5(g10, tmp_path):
 
 
 def test_galaxymnist_dir_keeps_published_split(gm_dir, tmp_path):
-    meta = prepare(f"galaxymnist:{gm_dir}", tmp_path / "gm", progress=False)
+    meta = prepare(f"galaxymnist:{gm_dir}", tmp_path / "gm", progress=False, image_format="png")
     assert meta["split_method"] == "published" and meta["image_size"] == [64, 64]
     assert meta["splits"]["train"]["rows"] == 30 and meta["splits"]["test"]["rows"] == 10
     assert meta["splits"]["test"]["per_class"] == {
@@ -138,7 +135,7 @@ def test_galaxymnist_dir_keeps_published_split(gm_dir, tmp_path):
     }
     test = _rows(tmp_path / "gm", "test")
     assert all(i.startswith("test-") for i in test["id"])
-    d = np.load(REAL / "galaxymnist_40_64px.npz")
+    d = np.load(real_path("galaxymnist_40_64px.npz"))
     np.testing.assert_array_equal(_decode(test["image"][1]), d["images"][4])
     assert test["symbol"][0] == GALAXY_MNIST.classes[test["label"][0]].symbol
 
@@ -162,7 +159,13 @@ def test_galaxymnist_single_file_hash_split(gm_dir, tmp_path):
 
 def test_catalog_spirals_with_mapping(spirals_csv, tmp_path):
     out = tmp_path / "sp"
-    meta = prepare(f"catalog:{spirals_csv}", out, image_root=SPIRALS, progress=False, **SPIRAL_MAPPING)
+    meta = prepare(
+        f"catalog:{spirals_csv}",
+        out,
+        image_root=real_path("gz-kaggle-spirals"),
+        progress=False,
+        **SPIRAL_MAPPING,
+    )
     assert meta["schema"] == "auto" and meta["class_names"] == ["non-spiral galaxy", "spiral galaxy"]
     assert meta["captions"] == ["A picture of a non-spiral galaxy", "A picture of a spiral galaxy"]
     assert meta["symbols"] == ["round", "disk+arms"] and meta["split_method"] == "published"
@@ -172,14 +175,16 @@ def test_catalog_spirals_with_mapping(spirals_csv, tmp_path):
     rows = _rows(out, "test")
     by_id = {r["galaxy_id"]: r for r in csv.DictReader(open(spirals_csv))}
     for i, rid in enumerate(rows["id"]):
-        assert rows["image"][i] == (SPIRALS / by_id[rid]["path"]).read_bytes()  # JPEG bytes untouched
+        assert (
+            rows["image"][i] == (real_path("gz-kaggle-spirals") / by_id[rid]["path"]).read_bytes()
+        )  # JPEG bytes untouched
         assert rows["label"][i] == int(by_id[rid]["label_spiral"])
     assert shards.schema_from_metadata(meta).lookup("spirals").name == "spiral galaxy"
 
 
 def test_catalog_parquet_named_schema(tmp_path):
     """galaxy-datasets style: id_str, file_loc (absolute), labels as keys, names and ints; fixed schema."""
-    d = np.load(REAL / "galaxymnist_40_64px.npz")
+    d = np.load(real_path("galaxymnist_40_64px.npz"))
     for i in range(8):
         Image.fromarray(d["images"][i * 5]).save(tmp_path / f"g{i}.png")
     labels = [GALAXY_MNIST.classes[d["labels"][i * 5]] for i in range(8)]
@@ -203,7 +208,7 @@ def test_folder_source(tmp_path):
     root = tmp_path / "imgs"
     for cls in ("spirals", "non_spirals"):
         (root / cls).mkdir(parents=True)
-        for p in sorted((SPIRALS / "images/train" / cls).glob("*.jpg"))[:3]:
+        for p in sorted((real_path("gz-kaggle-spirals") / "images/train" / cls).glob("*.jpg"))[:3]:
             shutil.copy(p, root / cls / p.name)
     (root / "spirals" / "notes.txt").write_text("not an image")  # ignored: not an image suffix
     Image.open(p).save(root / "spirals" / "extra.bmp")  # not decodable by torchvision: re-encoded
@@ -258,7 +263,7 @@ def test_synthetic_source(tmp_path):
 
 
 def _catalog(tmp_path: Path, n: int = 6, bad: dict[int, bytes | None] | None = None, label=None) -> Path:
-    jpgs = sorted((SPIRALS / "images/train/spirals").glob("*.jpg"))[:n]
+    jpgs = sorted((real_path("gz-kaggle-spirals") / "images/train/spirals").glob("*.jpg"))[:n]
     rows = []
     for i, p in enumerate(jpgs):
         loc = str(p)
@@ -276,7 +281,7 @@ def _catalog(tmp_path: Path, n: int = 6, bad: dict[int, bytes | None] | None = N
 
 
 def test_corrupt_image_errors_or_is_skipped(tmp_path):
-    truncated = (SPIRALS / "images/train/spirals/101756.jpg").read_bytes()[:2000]
+    truncated = (real_path("gz-kaggle-spirals") / "images/train/spirals/101756.jpg").read_bytes()[:2000]
     cat = _catalog(tmp_path, bad={3: b"not a jpeg at all", 5: truncated})
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"cat.csv row 3 \(id g3\): image does not decode"):
@@ -400,7 +405,7 @@ def test_cli(spirals_csv, tmp_path, capsys):
         "--out",
         str(out),
         "--image-root",
-        str(SPIRALS),
+        str(real_path("gz-kaggle-spirals")),
         "--no-progress",
     ]
     mapping = ["--id-column", "galaxy_id", "--path-column", "path", "--label-column", "class"]
@@ -453,3 +458,25 @@ def test_options_are_typed_and_the_cli_derives_its_flags(spirals_csv, tmp_path, 
         err = capsys.readouterr().err
         assert want in err and err.count("\n") == 1, err
     _no_dataset_left(tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "fmt, npz, stored, max_mean_error",
+    [
+        ("auto", "galaxymnist4_decals_121_224px.npz", "JPEG", 2.5),  # 224 px: JPEG q95, <= 1% per image
+        ("auto", "galaxymnist_40_64px.npz", "PNG", 0.0),  # 64 px: PNG, lossless
+        ("raw", "galaxymnist_40_64px.npz", "RAW", 0.0),
+    ],
+)
+def test_pixel_arrays_stored_by_size_or_as_asked(tmp_path, fmt, npz, stored, max_mean_error):
+    d = np.load(real_path(npz))
+    with h5py.File(tmp_path / "gm.hdf5", "w") as f:
+        f["images"], f["labels"] = d["images"], d["labels"]
+    kwargs = {} if fmt == "auto" else {"image_format": fmt}
+    meta = prepare(f"galaxymnist:{tmp_path / 'gm.hdf5'}", tmp_path / "out", progress=False, **kwargs)
+    assert meta["image_formats"] == {stored: len(d["labels"])}
+    rows = shards.dataset(tmp_path / "out", "train").to_table().to_pydict()
+    for rid, data in zip(rows["id"], rows["image"], strict=True):
+        k = int(rid.rsplit("-", 1)[1])
+        err = np.abs(decode(data).permute(1, 2, 0).numpy().astype(np.int16) - d["images"][k]).mean()
+        assert err <= max_mean_error, (rid, err)
