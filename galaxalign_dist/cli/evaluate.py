@@ -16,6 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-split", default="train", help="split for the linear probe and symbol prototypes")
     p.add_argument("--max-train-rows", type=int, default=20000, help="rows of the train split to embed")
     p.add_argument("--no-figures", action="store_true", help="metrics only")
+    p.add_argument("--embeddings", help="read a `galaxalign embed` output instead of embedding --data again")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
         train_split=args.train_split,
         max_train_rows=args.max_train_rows,
         make_figures=not args.no_figures,
+        embeddings=args.embeddings,
     )
     keys = ("accuracy", "f1_macro", "best_head", "map_at_5", "map", "n_test")
     print(json.dumps({k: metrics[k] for k in keys}, indent=2))

@@ -27,6 +27,7 @@ def evaluate_model(
     max_train_rows: int = 20000,
     max_test_rows: int | None = None,
     make_figures: bool = True,
+    embeddings: str | Path | None = None,
 ) -> dict[str, Any]:
     """metrics.json (heads, mAP@5, mAP), prototypes.npz + confusion matrix, t-SNE, PCA grid and retrieval figures.
 
@@ -41,10 +42,15 @@ def evaluate_model(
     num_classes = len(class_names)
     with torch.no_grad():
         class_text = bundle.embed_texts(list(meta["captions"]))
-    test = embed(bundle, data_dir, split, max_rows=max_test_rows)
-    train = None
-    if shards.split_files(data_dir, train_split):
-        train = embed(bundle, data_dir, train_split, max_rows=max_train_rows)
+    if embeddings is not None:  # the sharded output of `galaxalign embed`: read, not re-embedded
+        from galaxalign_dist.evaluation.embed_store import stored_for_eval
+
+        test, train = stored_for_eval(embeddings, bundle, split, train_split, max_test_rows, max_train_rows)
+    else:
+        test = embed(bundle, data_dir, split, max_rows=max_test_rows)
+        train = None
+        if shards.split_files(data_dir, train_split):
+            train = embed(bundle, data_dir, train_split, max_rows=max_train_rows)
     # Symbol prototypes come from the train split: building them from test rows would use test labels.
     proto = metrics.symbol_prototypes(train.symbol, train.labels, num_classes) if train is not None else None
     result = metrics.evaluate_embeddings(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from galaxalign_dist.evaluation.index import build_index, load_index, search, search_arrays
+from galaxalign_dist.evaluation.index import build_index, choose_factory, load_index, search, search_arrays
 from galaxalign_dist.evaluation.metrics import l2_normalize
 
 
@@ -32,7 +32,9 @@ def test_flat_search_is_exact_and_ids_round_trip(tmp_path: Path) -> None:
     )
     assert {p.name for p in out.iterdir()} == {"index.faiss", "ids.parquet", "index.json"}
     meta = json.loads((out / "index.json").read_text())
-    assert meta == {"dim": 32, "count": 500, "factory": "Flat", "metric": "inner_product", "normalised": True}
+    want = {"dim": 32, "count": 500, "factory": "Flat", "metric": "inner_product", "normalised": True}
+    assert {k: meta[k] for k in want} == want
+    assert meta["recall_at_10"] == 1.0 and meta["recall"]["exact"]  # Flat is exact search: nothing to measure
 
     loaded = load_index(out)
     assert list(loaded.ids) == ids
@@ -78,3 +80,52 @@ def test_dim_mismatch_and_missing_file_errors(tmp_path: Path) -> None:
     (out / "ids.parquet").unlink()
     with pytest.raises(FileNotFoundError, match="ids.parquet"):
         load_index(out)
+
+
+def test_factory_by_size():
+    assert choose_factory(1_000, 512) == "Flat"
+    assert choose_factory(262_144, 512) == "Flat"  # 512 MiB of float32 vectors: the exact-search limit
+    assert choose_factory(262_145, 512) == "IVF2048,PQ256"
+    assert choose_factory(1_000_000, 256) == "IVF4096,PQ128"
+    assert choose_factory(8_700_000, 512) == "IVF16384,PQ256"  # Galaxy Zoo DESI
+
+
+def _clustered(n: int, d: int, seed: int, k: int = 50) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(123).standard_normal((k, d)).astype(np.float32)
+    return centres[rng.integers(0, k, n)] + 0.4 * rng.standard_normal((n, d)).astype(np.float32)
+
+
+def _fresh_recall(out: Path, emb: np.ndarray) -> float:
+    """recall@10 of the saved index (its stored nprobe) on new queries from the same distribution."""
+    queries = _clustered(300, emb.shape[1], seed=5)
+    _, pos = search_arrays(load_index(out), queries, k=10)
+    truth = _brute_force(emb, queries, 10)[0]
+    return float(np.mean([len(set(p) & set(t)) / 10 for p, t in zip(pos, truth, strict=True)]))
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,PQ16"])
+def test_ivf_recall_is_measured_on_held_out_queries_and_nprobe_tuned(tmp_path: Path, factory: str) -> None:
+    emb = _clustered(20_000, 32, seed=0)
+    ids = [f"g{i}" for i in range(len(emb))]
+    out = build_index(emb, ids, tmp_path, factory=factory, batch_size=3000, max_train=10_000)
+    meta = json.loads((out / "index.json").read_text())
+    by = meta["recall"]["by_nprobe"]
+    assert meta["recall"]["held_out"] and meta["recall"]["queries"] == 1000
+    # Powers of two until the target: the chosen nprobe is the first to reach 0.95 (or all lists).
+    assert list(by) == [str(2**j) for j in range(len(by))] and str(meta["nprobe"]) == list(by)[-1]
+    recalls = [v["recall"] for v in by.values()]
+    assert all(r < 0.95 for r in recalls[:-1]) and meta["recall_at_10"] == recalls[-1]
+    if factory.endswith("Flat"):
+        assert (
+            meta["recall_at_10"] >= 0.95 and meta["nprobe"] < 64
+        )  # exact within lists: the target is reached
+    # The stored nprobe is used on load, and the reported recall is what new queries see.
+    assert load_index(out).index.nprobe == meta["nprobe"]
+    assert abs(_fresh_recall(out, emb) - meta["recall_at_10"]) < 0.06
+
+
+def test_bad_factory_string_is_a_value_error(tmp_path: Path) -> None:
+    emb, _, ids = _data()
+    with pytest.raises(ValueError, match="--factory 'IVFx': not a faiss index_factory string for 32-d"):
+        build_index(emb, ids, tmp_path, factory="IVFx")
