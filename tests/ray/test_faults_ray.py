@@ -1,4 +1,4 @@
-"""Fault injection on a real 2-worker Ray Train run: SIGKILL mid-epoch, and death during a checkpoint write."""
+"""Fault injection on a real 2-worker ZeRO-3 Ray Train run: SIGKILL mid-epoch, and death during a checkpoint write."""
 
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def test_worker_death_and_death_during_save_restart_from_last_good_checkpoint(tm
             "stages.stage2_epochs": 2,
             "run.out_dir": str(tmp_path / "runs"),
             "run.name": "faults",
+            "engine.zero_stage": 3,  # every rank holds only its partition: a restart must reload both shards
             "run.max_failures": 2,  # two injected faults
             "run.keep_checkpoints": 10,
             "run.eval_every_epochs": 0,
