@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/zero_memory.py
 	$(BIN)/python benchmarks/eval_scale.py
 	$(BIN)/python benchmarks/catalog_scale.py
+	$(BIN)/python benchmarks/embed_scale.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -138,29 +138,57 @@ def _first_line(e: BaseException) -> str:
 def resources(
     num_actors: int | None, cpus_per_actor: float, gpus_per_actor: float | None, decode: str
 ) -> dict[str, Any]:
-    """Actor count and per-stage resources from the cluster: GPU actors when there are GPUs, else CPU ones."""
+    """Actor count and per-stage resources for the cluster Ray is connected to (see plan_resources)."""
     import ray
 
-    total = ray.cluster_resources()
+    return plan_resources(ray.cluster_resources(), num_actors, cpus_per_actor, gpus_per_actor, decode)
+
+
+def plan_resources(
+    total: dict[str, float],
+    num_actors: int | None,
+    cpus_per_actor: float,
+    gpus_per_actor: float | None,
+    decode: str,
+) -> dict[str, Any]:
+    """GPU actors when there are GPUs, else CPU ones; the default count leaves the read stage room to run.
+
+    Read tasks must always find a CPU: an actor pool that reserves every CPU starves them and the job
+    waits forever (Ray Data does not preempt actors for tasks).
+    """
     gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 1))
     use_gpu = gpus > 0 if gpus_per_actor is None else gpus_per_actor > 0
-    if use_gpu:
-        gpus_per_actor = gpus_per_actor or 1.0
-        n = num_actors or max(1, int(gpus // gpus_per_actor))
-    else:
-        gpus_per_actor = None
-        n = num_actors or max(1, int(cpus // cpus_per_actor))
     # GPU actors: decode in CPU tasks (one core each) so many cores feed each GPU, pixels via the object store.
-    # CPU actors: decode in the actor itself (no pixels through the object store); read tasks only read.
+    # CPU actors: decode in the actor itself (no pixels through the object store); read tasks only read
+    # Parquet row groups, so a small CPU share each.
     where = decode if decode != "auto" else ("tasks" if use_gpu else "actor")
     if where not in ("tasks", "actor"):
         raise ValueError(f"--decode must be auto, tasks or actor, got {decode!r}")
+    read_cpus = 1.0 if where == "tasks" else 0.25
+    if use_gpu:
+        gpus_per_actor = gpus_per_actor or 1.0
+        n = num_actors or max(1, int(gpus // gpus_per_actor))
+        actor_cpus = min(cpus_per_actor, max(0.0, (cpus - read_cpus) / n))  # a 1-CPU-per-GPU node too
+    else:
+        gpus_per_actor = None
+        # The CPU actors get the cores: the read stage runs on what one actor leaves, i.e. the last
+        # actor takes (cpus_per_actor - read_cpus) so the pool and one read task fit exactly.
+        n = num_actors or max(1, int(cpus // cpus_per_actor))
+        actor_cpus = cpus_per_actor
+        if n * actor_cpus + read_cpus > cpus:
+            actor_cpus = max(0.01, (cpus - read_cpus) / n)
+    if num_actors and actor_cpus < cpus_per_actor:
+        log.warning(
+            "%d actors x %g CPUs and a read task need more than the cluster's %g CPUs: each actor asks "
+            "for %.2f CPUs instead", num_actors, cpus_per_actor, cpus, actor_cpus,
+        )  # fmt: skip
     return {
         "actors": n,
-        "cpus_per_actor": cpus_per_actor,
+        "cpus_per_actor": cpus_per_actor,  # torch threads per CPU actor
+        "actor_num_cpus": np.floor(actor_cpus * 1e4) / 1e4,  # the reservation Ray schedules by (rounded down)
         "gpus_per_actor": gpus_per_actor,
         "decode": where,
-        "read_cpus": 1.0 if where == "tasks" else 0.25,
+        "read_cpus": read_cpus,
         "cluster_cpus": cpus,
         "cluster_gpus": gpus,
     }
@@ -198,7 +226,7 @@ def run_ray(
         batch_size=opts.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=res["actors"]),
-        num_cpus=res["cpus_per_actor"],
+        num_cpus=res["actor_num_cpus"],
         num_gpus=res["gpus_per_actor"],
         fn_constructor_kwargs={
             "model_dir": job.model_dir,

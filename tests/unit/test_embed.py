@@ -294,3 +294,17 @@ def test_cli_embed_index_search_round_trip(world: Path, tmp_path: Path, capsys) 
     assert main(["search", str(image), "--index", str(idx), "-k", "1"]) == 0
     top = capsys.readouterr().out.splitlines()[1].split()
     assert float(top[1]) == pytest.approx(1.0, abs=1e-4)  # the same galaxy's embedding
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 4, 16])
+def test_default_actor_pool_leaves_the_read_stage_a_cpu(cpus: int) -> None:
+    # An actor pool that reserved every CPU would starve the read tasks: the job would wait forever.
+    from galaxalign_dist.launch.embed import plan_resources
+
+    res = plan_resources({"CPU": float(cpus)}, None, 1.0, None, "auto")
+    assert res["decode"] == "actor" and res["gpus_per_actor"] is None
+    assert res["actors"] == cpus and res["cpus_per_actor"] == 1.0  # one torch thread per core
+    assert res["actors"] * res["actor_num_cpus"] + res["read_cpus"] <= cpus + 1e-9
+    gpu = plan_resources({"CPU": 8.0, "GPU": 2.0}, None, 1.0, None, "auto")
+    assert (gpu["actors"], gpu["gpus_per_actor"], gpu["decode"]) == (2, 1.0, "tasks")
+    assert gpu["actors"] * gpu["actor_num_cpus"] + gpu["read_cpus"] <= 8.0
