@@ -61,3 +61,20 @@ def start_serve(world: Path, port: int, ready_timeout_s: float = 180.0) -> str:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url}api/ready did not answer 200 in {ready_timeout_s} s")
         time.sleep(0.5)
+
+
+def corrupt_idat(png: bytes) -> bytes:
+    """The PNG with its IDAT bytes scrambled and every chunk CRC recomputed: Pillow's verify() accepts it, a full
+    decode fails, and torchvision 0.29.2's decoder segfaults on it (docs/upstream/torchvision_png_segfault.md)."""
+    import struct
+    import zlib
+
+    out, i = bytearray(png[:8]), 8
+    while i < len(png):
+        n, kind = struct.unpack(">I4s", png[i : i + 8])
+        data = png[i + 8 : i + 8 + n]
+        if kind == b"IDAT":
+            data = bytes(b ^ 0x5A for b in data)
+        out += struct.pack(">I4s", n, kind) + data + struct.pack(">I", zlib.crc32(kind + data))
+        i += 12 + n
+    return bytes(out)

@@ -24,6 +24,7 @@ MAX_K = 100  # results per page: a screenful of tiles; more is a second page, no
 MAX_RANK = 1000  # the deepest rank paging reaches (k * page): past it, neighbours stop meaning much
 MAX_TEXT = 500  # characters; the text tower reads a few dozen tokens, longer text is truncated by it anyway
 MAX_IMAGE_BYTES = 16 * 2**20  # a survey cutout is tens of KB; this bounds what one request can make us decode
+MAX_PIXELS = 25_000_000  # 5000 x 5000: ~75 MB decoded, far above any survey cutout
 THUMB_SIZE = 96  # px, the page's tile size
 
 
@@ -68,20 +69,34 @@ def check_text(text: str | None) -> str:
 
 
 def check_image(blob: bytes) -> None:
-    """Reject an upload that is empty, too large or not an image Pillow can read, before the model sees it."""
+    """Reject an upload that is empty, too large or not an image Pillow decodes, before the model sees it.
+
+    A full decode, not Pillow's verify(): a PNG with a corrupt IDAT stream (valid chunk CRCs) passes verify()
+    and then segfaulted the process in torchvision 0.29.2's PNG decoder, which the model's transform uses
+    (docs/upstream/torchvision_png_segfault.md). Pillow raises instead, so such an upload stays a 400.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if not blob:
         raise QueryError("the request body is empty: upload a JPEG, PNG or WebP image")
     if len(blob) > MAX_IMAGE_BYTES:
         raise QueryError(f"the image is {len(blob):,} bytes; at most {MAX_IMAGE_BYTES:,} are accepted", 413)
+    damaged = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
     try:
-        with Image.open(io.BytesIO(blob)) as img:
-            img.verify()  # headers and structure, without decoding all the pixels
+        img = Image.open(io.BytesIO(blob))
     except UnidentifiedImageError:
         raise QueryError("the uploaded file is not an image: expected JPEG, PNG or WebP") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except damaged as e:
         raise QueryError(f"the uploaded image is damaged or truncated ({e})") from None
+    with img:
+        if img.width * img.height > MAX_PIXELS:  # from the header, before decoding
+            raise QueryError(
+                f"the image is {img.width}x{img.height} pixels; at most {MAX_PIXELS:,} are accepted", 413
+            )
+        try:
+            img.load()
+        except damaged as e:
+            raise QueryError(f"the uploaded image is damaged or truncated ({e})") from None
 
 
 def top_k(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from serve_helpers import build_world
+from serve_helpers import build_world, corrupt_idat
 
 from galaxalign_dist.evaluation.search_service import (
     MAX_K,
@@ -64,6 +64,8 @@ def test_text_and_image_checks_say_what_is_wrong(world: Path) -> None:
         check_image(b"%PDF-1.7 certainly not a galaxy")
     with pytest.raises(QueryError, match="damaged or truncated"):
         check_image(_png(world)[:60])
+    with pytest.raises(QueryError, match="damaged or truncated"):  # passes verify(); would crash torchvision
+        check_image(corrupt_idat(_png(world)))
     with pytest.raises(QueryError, match="body is empty"):
         check_image(b"")
 
