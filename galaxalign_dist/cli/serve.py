@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         use_gpu=False if args.cpu else None, nprobe=args.nprobe,
     )  # fmt: skip
     print(f"serving {index} at {url} (API under {url}api/; Ctrl-C to stop)", flush=True)
+    # `ray job stop` and container shutdowns send SIGTERM: stop the app then too, as on Ctrl-C, or its
+    # replicas (Serve apps outlive their driver) would keep holding the cluster's CPUs and GPU.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)

@@ -262,7 +262,9 @@ def start(
         ray.init(address=address, **({} if address else {"include_dashboard": False}))
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    serve.start(http_options={"host": host, "port": port})
+    # One HTTP proxy, on the head node: one URL for the catalogue, and the one place to put an authenticating
+    # reverse proxy (docs/cluster.md); Serve's default would open the port on every node with a replica.
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     app = build_app(
         str(model_dir),
         str(index_dir),

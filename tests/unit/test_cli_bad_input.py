@@ -423,6 +423,28 @@ CASES = [
         ("index {tmp}/index32 holds 32-d embeddings but model {world}/model makes 64-d ones",),
         index32,
     ),
+    # serve: every check before Ray (RAY_ADDRESS points at a closed port) and before any port is bound
+    Case(
+        "serve-missing-index-dir",
+        "serve --index {tmp}/noindex",
+        ("index directory {tmp}/noindex does not exist",),
+    ),
+    Case(
+        "serve-missing-model-dir",
+        "serve --index {world}/index --model {tmp}/nomodel",
+        ("model directory {tmp}/nomodel does not exist",),
+    ),
+    Case(
+        "serve-index-of-other-dim",
+        "serve --index {tmp}/index32",
+        ("index {tmp}/index32 holds 32-d embeddings but model {world}/model makes 64-d ones",),
+        index32,
+    ),
+    Case(
+        "serve-missing-data-dir",
+        "serve --index {world}/index --data {tmp}/nodata",
+        ("--data {tmp}/nodata does not exist",),
+    ),
     # ablate, fewshot: fail in the pre-Ray dataset check
     Case(
         "ablate-missing-data-dir",
