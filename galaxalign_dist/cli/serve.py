@@ -48,7 +48,12 @@ def check(args: argparse.Namespace) -> tuple[str, str, str | None]:
         raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
     if args.replicas < 1:
         raise ValueError(f"--replicas must be positive, got {args.replicas}")
-    return str(model), str(args.index), data
+    return _absolute(str(model)), _absolute(str(args.index)), _absolute(data) if data else None
+
+
+def _absolute(path: str) -> str:
+    # The replicas open these paths from their own working directories, on any node.
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def _check_model(model: str, index_dim: int, index: str) -> None:

@@ -47,13 +47,14 @@ def _threads(cpus: float) -> int:
 class ModelServer:
     """The exported model: query images and texts to embeddings, requests batched by @serve.batch."""
 
-    def __init__(self, model_dir: str, cpus: float = 1.0) -> None:
+    def __init__(self, model_dir: str, cpus: float = 1.0, use_gpu: bool = False) -> None:
         import torch
 
         # One torch thread per CPU Ray gave the replica: the default (every core) oversubscribes a node that
         # runs several replicas and the index beside them.
         torch.set_num_threads(_threads(cpus))
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU only when Ray assigned one
+        # From the request, not torch.cuda.is_available(): a CPU replica on a GPU node may still see the GPUs.
+        device = "cuda" if use_gpu else "cpu"
         self.encoder = QueryEncoder(model_dir, device)
 
     @serve.batch(**BATCH)
@@ -113,6 +114,15 @@ class IndexServer:
 
 
 app = FastAPI(title="galaxalign search", docs_url=None, redoc_url=None)  # no docs pages: they load a CDN
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    # Still JSON, so the page can show it; the replica logs the traceback.
+    log.exception("%s %s failed", request.method, request.url.path)
+    return JSONResponse(
+        {"error": f"internal error ({type(e).__name__}); see the server log", "status": 500}, 500
+    )
 
 
 @app.exception_handler(QueryError)
@@ -231,7 +241,7 @@ def build_app(
     """The application graph: Ingress(ModelServer x replicas, IndexServer)."""
     model = ModelServer.options(
         num_replicas=replicas, ray_actor_options={"num_cpus": model_cpus, "num_gpus": gpus_per_replica}
-    ).bind(model_dir, model_cpus)
+    ).bind(model_dir, model_cpus, gpus_per_replica > 0)
     index = IndexServer.options(ray_actor_options={"num_cpus": index_cpus}).bind(
         index_dir, data, nprobe, index_cpus
     )
@@ -279,4 +289,5 @@ def start(
 
 
 def stop() -> None:
-    serve.shutdown()
+    """Remove this app (its replicas free their CPUs and GPUs), not Serve: other apps on the cluster keep running."""
+    serve.delete(APP_NAME)
