@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/zero_memory.py
 	$(BIN)/python benchmarks/eval_scale.py
 	$(BIN)/python benchmarks/catalog_scale.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf runs .pytest_cache
