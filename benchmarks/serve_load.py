@@ -137,6 +137,14 @@ def load(port: int, queries: list, n: int, concurrency: int, max_seconds: float)
     return {"seconds": time.perf_counter() - t0, "latencies": latencies, "errors": errors}
 
 
+def _info(port: int) -> dict:
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/api/info")
+    return json.loads(conn.getresponse().read())
+
+
 def in_process(model: Path, index: Path, queries: list, n: int, max_seconds: float) -> dict:
     """The same queries through the code the deployments run, in this process, one after another."""
     import torch
@@ -205,6 +213,7 @@ def main() -> None:
             port, queries, min(60, args.requests), args.concurrency, 60
         )  # warm-up: first batches, allocators
         res = load(port, queries, args.requests, args.concurrency, args.max_seconds)
+        batching = _info(port)["model"]["batching"]  # warm-up included
     finally:
         serve_app.stop()
         ray.shutdown()
@@ -227,6 +236,8 @@ def main() -> None:
     print(f"inprocess_p50_ms: {ms(local['latencies'], 50):.2f}")
     print(f"inprocess_p99_ms: {ms(local['latencies'], 99):.2f}")
     print(f"inprocess_qps: {len(local['latencies']) / local['seconds']:.2f}")
+    for kind, b in batching.items():
+        print(f"serve_{kind}_per_batch: {b['items'] / max(1, b['batches']):.2f}  (largest {b['largest']})")
     print(f"load average (1/5/15 min) at end: {common.load_average()}")
     common.summary("serve_rps", n / res["seconds"])
 

@@ -1,4 +1,4 @@
-"""Ray Serve application of `galaxalign serve`: the model and the FAISS index as deployments, FastAPI ingress."""
+"""Ray Serve application of `galaxalign serve`: the FastAPI ingress (page + JSON API), the app graph, start/stop."""
 
 # No `from __future__ import annotations` here: FastAPI reads the route methods' annotations at runtime, and
 # through @serve.ingress the string forms do not resolve (a `request: Request` became a query parameter).
@@ -18,99 +18,22 @@ from ray.serve.handle import DeploymentHandle
 from galaxalign_dist.evaluation.search_service import (
     MAX_IMAGE_BYTES,
     MAX_K,
-    IndexService,
-    QueryEncoder,
+    MAX_RANK,
     QueryError,
     check_image,
     check_text,
     integer,
     parse_page,
 )
+from galaxalign_dist.launch.serve_deployments import IndexServer, ModelServer
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "galaxalign"
 PAGE = "search.html"  # galaxalign_dist/launch/web/, package data: the page has no build step
 READY_TIMEOUT_S = 5.0
-# Serve's default is 5 requests in flight per replica; the model replica must see more than a batch's worth
-# at once for @serve.batch to fill batches, and the ingress only awaits the other two.
-MODEL_MAX_ONGOING = 64
+# Serve's default is 5 requests in flight per replica; the ingress only awaits the model and the index.
 INGRESS_MAX_ONGOING = 256
-BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}  # 5 ms: invisible next to a model call on CPU
-
-
-def _threads(cpus: float) -> int:
-    return max(1, int(cpus))
-
-
-@serve.deployment(max_ongoing_requests=MODEL_MAX_ONGOING)
-class ModelServer:
-    """The exported model: query images and texts to embeddings, requests batched by @serve.batch."""
-
-    def __init__(self, model_dir: str, cpus: float = 1.0, use_gpu: bool = False) -> None:
-        import torch
-
-        # One torch thread per CPU Ray gave the replica: the default (every core) oversubscribes a node that
-        # runs several replicas and the index beside them.
-        torch.set_num_threads(_threads(cpus))
-        # From the request, not torch.cuda.is_available(): a CPU replica on a GPU node may still see the GPUs.
-        device = "cuda" if use_gpu else "cpu"
-        self.encoder = QueryEncoder(model_dir, device)
-
-    @serve.batch(**BATCH)
-    async def embed_images(self, blobs: list[bytes]) -> list[Any]:
-        return self.encoder.images(blobs)
-
-    @serve.batch(**BATCH)
-    async def embed_texts(self, texts: list[str]) -> list[Any]:
-        return self.encoder.texts(texts)
-
-    def provenance(self) -> dict[str, Any]:
-        return self.encoder.provenance()
-
-
-def _answer(fn: Any, *args: Any) -> Any:
-    """fn(*args), or {"error", "status"} for a QueryError: plain data crosses the handle, whatever Ray does to
-    exception types on the way."""
-    try:
-        return fn(*args)
-    except QueryError as e:
-        return {"error": str(e), "status": e.status}
-
-
-@serve.deployment(max_ongoing_requests=MODEL_MAX_ONGOING)
-class IndexServer:
-    """The FAISS index and its catalogue: paged top-k, vectors and cards by id, thumbnails, provenance."""
-
-    def __init__(
-        self, index_dir: str, data: str | None, nprobe: int | None = None, cpus: float = 0.5
-    ) -> None:
-        import faiss
-
-        faiss.omp_set_num_threads(_threads(cpus))  # one query at a time: threads only contend
-        self.service = IndexService(index_dir, data, nprobe)
-
-    def search(self, vector: Any, k: int, page: int) -> dict[str, Any]:
-        return _answer(self.service.search, vector, k, page)
-
-    def search_id(self, gid: str, k: int, page: int) -> dict[str, Any]:
-        def run() -> dict[str, Any]:
-            vector, pos = self.service.vector_of(gid)
-            return {
-                **self.service.search(vector, k, page, exclude=pos),
-                "query": {"kind": "id", **self.service.card(gid)},
-            }
-
-        return _answer(run)
-
-    def thumbnail(self, gid: str) -> Any:
-        return _answer(self.service.thumbnail_png, gid)
-
-    def sample(self, n: int, seed: int) -> list[dict[str, Any]]:
-        return self.service.sample(n, seed)
-
-    def provenance(self) -> dict[str, Any]:
-        return self.service.provenance()
 
 
 app = FastAPI(title="galaxalign search", docs_url=None, redoc_url=None)  # no docs pages: they load a CDN
@@ -178,7 +101,7 @@ class Ingress:
         return {
             "model": model,
             "index": index,
-            "limits": {"k": [1, MAX_K], "max_image_bytes": MAX_IMAGE_BYTES},
+            "limits": {"k": [1, MAX_K], "max_rank": MAX_RANK, "max_image_bytes": MAX_IMAGE_BYTES},
         }
 
     @app.get("/api/search/text")

@@ -84,6 +84,19 @@ def test_each_query_kind_equals_the_in_process_search(url: str, world: Path) -> 
     assert by_image["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)  # the uploaded galaxy is in the index
 
 
+def test_concurrent_queries_share_model_batches(url: str) -> None:
+    texts = [f"a galaxy number {i}" for i in range(32)]
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(
+            pool.map(lambda t: get(url + "api/search/text?k=2&q=" + t.replace(" ", "+"))[0], texts)
+        )
+    assert statuses == [200] * 32
+    batching = get(url + "api/info")[1]["model"]["batching"]["texts"]
+    assert batching["items"] >= 32 and 1 < batching["largest"] <= 16, (
+        batching
+    )  # @serve.batch's max_batch_size
+
+
 def test_paging(url: str) -> None:
     gid = get(url + "api/sample?n=1&seed=5")[1]["hits"][0]["id"]
     whole = get(url + f"api/search/id?id={gid}&k=9")[1]
