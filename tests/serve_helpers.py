@@ -47,10 +47,10 @@ def request(
 
 
 def start_serve(world: Path, port: int, ready_timeout_s: float = 180.0) -> str:
-    """The app on a real local Ray Serve (ray.init by the caller), bound to 127.0.0.1:port; waits for ready."""
+    """The app on a real local Ray Serve (ray.init by the caller) on its default host and `port`; waits for ready."""
     from galaxalign_dist.launch import serve_app
 
-    url = serve_app.start(str(world / "model"), str(world / "index"), host="127.0.0.1", port=port)
+    url = serve_app.start(str(world / "model"), str(world / "index"), port=port)  # default host: loopback
     deadline = time.monotonic() + ready_timeout_s
     while True:
         try:

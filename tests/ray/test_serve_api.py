@@ -3,6 +3,7 @@ keeps answering; the API's answers equal the in-process search service's."""
 
 from __future__ import annotations
 
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,6 +55,27 @@ def test_health_ready_and_provenance(url: str, world: Path) -> None:
     assert info["index"]["model"] and info["index"]["data"] and info["index"]["factory"] == "Flat"
     status, page = get(url)
     assert status == 200 and b"<title>galaxalign" in page
+
+
+def _outward_address() -> str | None:
+    """This host's address on its default route (a UDP connect sends nothing), or None when it has none."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere, only used to pick an interface
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_binds_loopback_only_by_default(url: str) -> None:
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    assert url.startswith("http://127.0.0.1:")
+    address = _outward_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address to try")
+    with pytest.raises(OSError):  # connection refused: nothing listens on that interface
+        socket.create_connection((address, port), timeout=5).close()
 
 
 def test_each_query_kind_equals_the_in_process_search(url: str, world: Path) -> None:

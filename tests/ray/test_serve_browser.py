@@ -27,11 +27,14 @@ def _binaries() -> tuple[str, str]:
     browser = next((b for name in BROWSERS if (b := shutil.which(name))), None)
     driver = shutil.which("chromedriver")
     if browser is None or driver is None:
-        missing = " and ".join(
-            n for n, found in (("a chromium binary", browser), ("chromedriver", driver)) if not found
-        )
+        missing = [
+            n
+            for n, found in ((f"a browser ({', '.join(BROWSERS)})", browser), ("chromedriver", driver))
+            if not found
+        ]
         pytest.skip(
-            f"no {missing} on PATH: install Debian's chromium and chromium-driver (the Makefile does as root)"
+            f"not found on PATH: {' and '.join(missing)}; install Debian's chromium and chromium-driver "
+            "(`make browser` does, as root)"
         )
     return browser, driver
 

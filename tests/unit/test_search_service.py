@@ -110,3 +110,10 @@ def test_a_bad_image_in_a_batch_fails_alone(world: Path, service: IndexService) 
     top = service.search(out[0], 1)["hits"][0]  # the galaxy itself, at cosine 1
     assert top["score"] == pytest.approx(1.0, abs=1e-4)
     assert encoder.provenance()["dim"] == service.dim == 64
+
+
+def test_serve_binds_loopback_unless_told_otherwise() -> None:
+    from galaxalign_dist.cli.main import build_parser
+
+    args = build_parser().parse_args(["serve", "--index", "idx"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
