@@ -80,8 +80,15 @@ def _bundle(args: argparse.Namespace, source: dict[str, Any]) -> Any:
 
 
 def _embed_image(bundle: Any, image: Path) -> Any:
+    from galaxalign_dist.evaluation.search_service import QueryError, check_image
+
+    blob = image.read_bytes()
     try:
-        return bundle.embed_images([image.read_bytes()])
+        check_image(blob)  # Pillow first: torchvision's PNG decoder segfaulted on a corrupt pixel stream
+    except QueryError as e:
+        raise ValueError(f"query image {image}: image does not decode ({e})") from None
+    try:
+        return bundle.embed_images([blob])
     except ValueError as e:  # the transform names the row ("query-0"); the user knows the file
         raise ValueError(f"query image {image}: {str(e).removeprefix('row id query-0: ')}") from None
 

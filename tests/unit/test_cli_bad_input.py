@@ -172,6 +172,14 @@ def garbage_jpeg(w: Path, d: Path) -> None:
     (d / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 32)
 
 
+def png_with_corrupt_pixels(w: Path, d: Path) -> None:
+    """Valid PNG chunks (CRCs right) around a scrambled pixel stream: it segfaulted torchvision's decoder."""
+    from serve_helpers import corrupt_idat
+
+    png = pq.read_table(w / "data" / "test" / "part-00000.parquet").column("image")[0].as_py()
+    (d / "pixels.png").write_bytes(corrupt_idat(png))
+
+
 def catalogue(rows: list[str], header: str = "id,path,label") -> Callable[[Path, Path], None]:
     """A catalogue CSV (cat.csv) next to img/a.jpg, img/b.jpg (galaxies) and img/trunc.jpg (half a JPEG)."""
 
@@ -416,6 +424,12 @@ CASES = [
         "search {tmp}/garbage.jpg --index {world}/index",
         ("query image {tmp}/garbage.jpg: image does not decode",),
         garbage_jpeg,
+    ),
+    Case(
+        "search-png-with-corrupt-pixels",
+        "search {tmp}/pixels.png --index {world}/index",
+        ("query image {tmp}/pixels.png: image does not decode",),
+        png_with_corrupt_pixels,
     ),
     Case(
         "search-index-of-other-dim",
