@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 # Ray writes here; keeps runs of the demo and tests out of the home directory's /tmp clutter.
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: install demo test test-quick lint format bench clean
+.PHONY: install browser demo test test-quick lint format bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip check
 	touch $(STAMP)
+
+# Debian's chromium + chromedriver, for the search page's browser test (tests/ray/test_serve_browser.py skips,
+# saying so, without them). Installed only as root with apt-get (CI); elsewhere this says what is missing.
+browser:
+	@if command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then \
+		echo "chromium and chromedriver: found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "no chromium/chromedriver and not root with apt-get: the browser test will skip (install chromium chromium-driver)"; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/galaxalign demo --out runs/demo
@@ -52,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/eval_scale.py
 	$(BIN)/python benchmarks/catalog_scale.py
 	$(BIN)/python benchmarks/embed_scale.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf runs .pytest_cache

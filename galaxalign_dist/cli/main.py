@@ -21,6 +21,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("eval", "evaluate"),
     ("index", "index"),
     ("search", "search"),
+    ("serve", "serve"),
     ("ablate", "ablate"),
     ("fewshot", "fewshot"),
     ("tune", "tune"),

@@ -26,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from galaxalign_dist.evaluation.index import load_index, search_arrays
+    from galaxalign_dist.evaluation.index import load_index
     from galaxalign_dist.evaluation.index_embeddings import read_source, stored_vector
+    from galaxalign_dist.evaluation.search_service import top_k
 
     given = [x for x in (args.image, args.gid, args.text) if x]
     if len(given) != 1:
@@ -59,12 +60,11 @@ def run(args: argparse.Namespace) -> int:
                 f"{query.shape[1]}-d ones; search with the model the index was built with (--model)"
             )
         self_pos = -1
-    scores, pos = search_arrays(index, query, k=args.k + (self_pos >= 0), nprobe=args.nprobe)
-    keep = [(p, s) for p, s in zip(pos[0], scores[0], strict=True) if p >= 0 and p != self_pos][: args.k]
-    records = index.records(np.array([p for p, _ in keep], dtype=np.int64))
-    _print_table(records, [s for _, s in keep])
+    pos, scores = top_k(index, query, args.k, exclude=self_pos, nprobe=args.nprobe)
+    records = index.records(np.asarray(pos, dtype=np.int64))
+    _print_table(records, [float(s) for s in scores])
     if args.grid:
-        _save_grid(args, index, records, [s for _, s in keep], title, self_pos, source)
+        _save_grid(args, index, records, [float(s) for s in scores], title, self_pos, source)
     return 0
 
 
@@ -80,8 +80,15 @@ def _bundle(args: argparse.Namespace, source: dict[str, Any]) -> Any:
 
 
 def _embed_image(bundle: Any, image: Path) -> Any:
+    from galaxalign_dist.evaluation.search_service import QueryError, check_image
+
+    blob = image.read_bytes()
     try:
-        return bundle.embed_images([image.read_bytes()])
+        check_image(blob)  # Pillow first: torchvision's PNG decoder segfaulted on a corrupt pixel stream
+    except QueryError as e:
+        raise ValueError(f"query image {image}: image does not decode ({e})") from None
+    try:
+        return bundle.embed_images([blob])
     except ValueError as e:  # the transform names the row ("query-0"); the user knows the file
         raise ValueError(f"query image {image}: {str(e).removeprefix('row id query-0: ')}") from None
 
@@ -103,16 +110,14 @@ def _save_grid(args, index, records, scores, title, self_pos, source) -> None:  
 
     from galaxalign_dist.evaluation import figures
     from galaxalign_dist.evaluation.index_embeddings import thumbnails_of
+    from galaxalign_dist.evaluation.search_service import thumbnails
 
     data = args.data or source.get("data")
     if not data:
         raise ValueError(
             f"--grid needs the catalogue the index was built from: pass --data (not in {args.index})"
         )
-    if "source" not in index.table.column_names:
-        thumbs = _thumbnails_by_id(data, [r["id"] for r in records])  # an index of arrays: find rows by id
-    else:
-        thumbs = thumbnails_of(records, data)
+    thumbs = thumbnails(index, records, data)
     if args.image:
         query = np.asarray(Image.open(args.image).convert("RGB").resize((64, 64)))
     elif self_pos >= 0 and "source" in index.table.column_names:
@@ -121,16 +126,3 @@ def _save_grid(args, index, records, scores, title, self_pos, source) -> None:  
         query = np.full((64, 64, 3), 255, np.uint8)  # a text query: its words are the title
     figures.retrieval_png(query[None], thumbs[None], np.array([scores]), args.grid, titles=[title[:60]])
     print(f"saved {args.grid}")
-
-
-def _thumbnails_by_id(data: str, ids: list[str]) -> Any:
-    import numpy as np
-
-    from galaxalign_dist.data import shards
-    from galaxalign_dist.evaluation.embed import thumbnails
-
-    thumbs = np.zeros((len(ids), 64, 64, 3), np.uint8)
-    for split in shards.read_metadata(data)["splits"]:
-        found = thumbnails(data, split, np.array(ids))
-        thumbs = np.where(found.any(axis=(1, 2, 3), keepdims=True), found, thumbs)
-    return thumbs

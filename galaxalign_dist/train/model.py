@@ -238,3 +238,10 @@ def image_size(model_cfg: ModelConfig) -> int:
     cfg = _open_clip_cfg(model_cfg.name) or {}
     size = cfg.get("vision_cfg", {}).get("image_size", 224)
     return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def embed_dim(model_cfg: ModelConfig) -> int | None:
+    """The width of the shared embedding space from the model's config alone (no weights): lets a server check
+    that a model and an index agree before it loads either. None for a name open_clip does not know."""
+    cfg = _open_clip_cfg(model_cfg.name)
+    return int(cfg["embed_dim"]) if cfg and "embed_dim" in cfg else None

@@ -42,6 +42,7 @@ def _run(script: str, tmp_path: Path, *args: str, timeout: int = 540) -> subproc
         ("overhead.py", "overhead_ratio"),
         ("data_throughput.py", "data_ratio"),
         ("zero_memory.py", "zero3_shard_ratio"),
+        ("serve_load.py", "serve_rps"),
     ],
 )
 def test_quick_mode_ends_with_summary_line(script: str, name: str, tmp_path: Path) -> None:

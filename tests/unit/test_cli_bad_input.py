@@ -172,6 +172,14 @@ def garbage_jpeg(w: Path, d: Path) -> None:
     (d / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 32)
 
 
+def png_with_corrupt_pixels(w: Path, d: Path) -> None:
+    """Valid PNG chunks (CRCs right) around a scrambled pixel stream: it segfaulted torchvision's decoder."""
+    from serve_helpers import corrupt_idat
+
+    png = pq.read_table(w / "data" / "test" / "part-00000.parquet").column("image")[0].as_py()
+    (d / "pixels.png").write_bytes(corrupt_idat(png))
+
+
 def catalogue(rows: list[str], header: str = "id,path,label") -> Callable[[Path, Path], None]:
     """A catalogue CSV (cat.csv) next to img/a.jpg, img/b.jpg (galaxies) and img/trunc.jpg (half a JPEG)."""
 
@@ -418,10 +426,38 @@ CASES = [
         garbage_jpeg,
     ),
     Case(
+        "search-png-with-corrupt-pixels",
+        "search {tmp}/pixels.png --index {world}/index",
+        ("query image {tmp}/pixels.png: image does not decode",),
+        png_with_corrupt_pixels,
+    ),
+    Case(
         "search-index-of-other-dim",
         "search {world}/galaxy.jpg --index {tmp}/index32",
         ("index {tmp}/index32 holds 32-d embeddings but model {world}/model makes 64-d ones",),
         index32,
+    ),
+    # serve: every check before Ray (RAY_ADDRESS points at a closed port) and before any port is bound
+    Case(
+        "serve-missing-index-dir",
+        "serve --index {tmp}/noindex",
+        ("index directory {tmp}/noindex does not exist",),
+    ),
+    Case(
+        "serve-missing-model-dir",
+        "serve --index {world}/index --model {tmp}/nomodel",
+        ("model directory {tmp}/nomodel does not exist",),
+    ),
+    Case(
+        "serve-index-of-other-dim",
+        "serve --index {tmp}/index32",
+        ("index {tmp}/index32 holds 32-d embeddings but model {world}/model makes 64-d ones",),
+        index32,
+    ),
+    Case(
+        "serve-missing-data-dir",
+        "serve --index {world}/index --data {tmp}/nodata",
+        ("--data {tmp}/nodata does not exist",),
     ),
     # ablate, fewshot: fail in the pre-Ray dataset check
     Case(
