@@ -7,7 +7,7 @@ from pathlib import Path
 
 from galaxalign_dist.cli.embed import add_embed_arguments, report, run_embedding
 
-HELP = "build a FAISS index of `galaxalign embed` output (Flat when small, IVF-PQ beyond) for top-k search"
+HELP = "build a FAISS index of `galaxalign embed` output (Flat when small, IVF with 6-bit codes beyond) for top-k search"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--factory",
         default="auto",
         help='faiss index_factory string ("Flat", "IVF4096,PQ256", "HNSW32") or auto: Flat up to 512 MiB '
-        "of vectors, IVF{4 sqrt(N)},PQ{D/2} beyond",
+        "of vectors, IVF{4 sqrt(N)},SQ6 beyond",
     )
     p.add_argument("--nprobe", type=int, help="IVF lists probed (default: the least reaching recall@10 0.95)")
     add_embed_arguments(p)  # --split, --overwrite, ... (the embedding flags apply with --data only)

@@ -176,10 +176,12 @@ class Trainer:
         pairs = pairs_for(stage, self.cfg.loss)
         epoch_index = epoch + (self.cfg.stages.stage1_epochs if stage == 2 else 0)
         sums: dict[str, torch.Tensor] = {}
-        n_batches, samples, data_wait = 0, 0, 0.0
+        n_batches, samples, data_wait, first_batch = 0, 0, 0.0, float("nan")
         t_start = t_last = time.perf_counter()
         for batch in self._batches(epoch_index):
             data_wait += time.perf_counter() - t_last
+            if n_batches == 0:
+                first_batch = data_wait  # the epoch's start-up: how long the first batch took to arrive
             loss, parts = self.train_step(engine, batch, pairs, epoch_index)
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0) + v.float()
@@ -194,6 +196,7 @@ class Trainer:
             )
         elapsed = time.perf_counter() - t_start
         result = self._epoch_metrics(engine, sums, n_batches, samples, elapsed, data_wait, stage, epoch)
+        result["first_batch_s"] = first_batch
         self._check_finite(result["loss"], epoch_index + 1)  # 1-based, as in every log line
         is_last = epoch == n_epochs - 1
         every = self.cfg.run.eval_every_epochs

@@ -85,9 +85,9 @@ def test_dim_mismatch_and_missing_file_errors(tmp_path: Path) -> None:
 def test_factory_by_size():
     assert choose_factory(1_000, 512) == "Flat"
     assert choose_factory(262_144, 512) == "Flat"  # 512 MiB of float32 vectors: the exact-search limit
-    assert choose_factory(262_145, 512) == "IVF2048,PQ256"
-    assert choose_factory(1_000_000, 256) == "IVF4096,PQ128"
-    assert choose_factory(8_700_000, 512) == "IVF16384,PQ256"  # Galaxy Zoo DESI
+    assert choose_factory(262_145, 512) == "IVF2048,SQ6"
+    assert choose_factory(1_000_000, 256) == "IVF4096,SQ6"
+    assert choose_factory(8_700_000, 512) == "IVF16384,SQ6"  # Galaxy Zoo DESI
 
 
 def _clustered(n: int, d: int, seed: int, k: int = 50) -> np.ndarray:
