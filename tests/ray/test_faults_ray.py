@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,25 @@ from galaxalign_dist import config
 pytestmark = [pytest.mark.slow]
 
 
+def _wait_registered(run_dir: Path, epoch_index: int, timeout_s: float = 120.0) -> None:
+    """Until Ray Train's controller has registered the checkpoint of `epoch_index`.
+
+    ray.train.report returns before the controller records the checkpoint; a worker killed in that window
+    (well under a second) rightly restarts from the checkpoint before. Seen once the first batch of an epoch
+    came within 0.2 s of the report (cached data): the run redid epoch 1. The faults here are meant after it.
+    """
+    snapshot, deadline = run_dir / "checkpoint_manager_snapshot.json", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+            if any(r["metrics"].get("epoch_index") == epoch_index for r in results):
+                return
+        except (OSError, ValueError, KeyError):
+            pass  # not written yet, or being rewritten
+        time.sleep(0.2)
+    raise TimeoutError(f"epoch {epoch_index}'s checkpoint never registered in {snapshot}")
+
+
 def _faulty_loop(loop_config: dict) -> None:
     """The real per-worker loop, with two faults injected once each (marker files make them one-shot)."""
     import ray.train
@@ -22,13 +42,14 @@ def _faulty_loop(loop_config: dict) -> None:
     from galaxalign_dist.launch.train import train_loop_per_worker
     from galaxalign_dist.train import checkpoint, trainer
 
-    faults = Path(loop_config["fault_dir"])
+    faults, run_dir = Path(loop_config["fault_dir"]), Path(loop_config["run_dir"])
     rank = ray.train.get_context().get_world_rank()
     real_batches = trainer.Trainer._batches
 
     def batches(self, epoch_index):  # noqa: ANN001, ANN202
         for i, batch in enumerate(real_batches(self, epoch_index)):
             if epoch_index == 1 and i == 2 and rank == 1 and not (faults / "killed_mid_epoch").exists():
+                _wait_registered(run_dir, epoch_index=1)
                 (faults / "killed_mid_epoch").touch()
                 os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-epoch, no cleanup
             yield batch
@@ -39,6 +60,7 @@ def _faulty_loop(loop_config: dict) -> None:
             # written and before anything is reported: a half-written checkpoint.
             import tempfile
 
+            _wait_registered(run_dir, epoch_index=3)
             engine.save_checkpoint(tempfile.mkdtemp(), tag=checkpoint.TAG)
             (faults / "killed_in_save").touch()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -82,6 +104,7 @@ def test_worker_death_and_death_during_save_restart_from_last_good_checkpoint(tm
     try:
         trainer = build_trainer(cfg, train_loop=_faulty_loop)
         trainer.train_loop_config["fault_dir"] = str(tmp_path)
+        trainer.train_loop_config["run_dir"] = RunPaths.of(cfg).run_dir
         result = trainer.fit()
     finally:
         ray.shutdown()
