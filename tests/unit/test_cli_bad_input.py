@@ -33,7 +33,7 @@ import pytest
 
 from conftest import galaxy_jpegs
 
-# 35 subprocesses, most of them importing torch: about 2 CPU-minutes, several on a busy host.
+# About 50 subprocesses, most of them importing torch: a few CPU-minutes, more on a busy host.
 pytestmark = [pytest.mark.slow]
 
 CLI = [sys.executable, "-m", "galaxalign_dist.cli.main"]
