@@ -17,21 +17,22 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
+def _gpu_check(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    """benchmarks/gpu_check.sh with these arguments, run as a user would, with this venv's python."""
+    return subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), *args],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.timeout(900)
 def test_dry_run_writes_a_complete_summary(tmp_path):
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run(
-        ["bash", str(BENCH / "gpu_check.sh"), "--dry", "--out", str(out)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=850,
-    )
+    proc = _gpu_check("--dry", "--out", str(out), timeout=850)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     s = json.loads(out.read_text())
     assert s["ok"] is True and s["dry"] is True
@@ -55,14 +56,7 @@ def test_dry_run_writes_a_complete_summary(tmp_path):
 def test_without_cuda_the_full_check_says_so(tmp_path):
     pytest.importorskip("torch").cuda.is_available() and pytest.skip("checks the no-CUDA message")
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run(
-        ["bash", str(BENCH / "gpu_check.sh"), "--skip-tests", "--out", str(out)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
+    proc = _gpu_check("--skip-tests", "--out", str(out), timeout=280)
     assert proc.returncode == 1
     assert "CUDA is not available" in proc.stderr
     assert json.loads(out.read_text())["ok"] is False
