@@ -44,8 +44,8 @@ class DecodeTransform:
     """Batch transform for Ray Data `map_batches(batch_format="numpy")` and the single-process reader.
 
     In: `id`, `image` (stored bytes), `label`, `text` (caption), `symbol` (spec). Out: `image` uint8
-    (B, 3, C, C) at the canvas C (shortest side resized with antialiasing and centre-cropped only when a
-    stored image is not C x C), `key` int64 (augmentation seed), `tokens` int64 (B, L), `label` int64,
+    (B, C, C, 3), channels last, at the canvas C (shortest side resized with antialiasing and centre-cropped
+    only when a stored image is not C x C), `key` int64 (augmentation seed), `tokens` int64 (B, L), `label` int64,
     `symbol` the spec strings, and `id` when keep_ids. Rows whose image does not decode raise, naming the
     row id, or (on_bad_image="skip") are dropped and counted in the log.
     """
@@ -77,7 +77,10 @@ class DecodeTransform:
         if img.shape[1:] != (c, c):
             img = F.resize(img, c, interpolation=InterpolationMode.BICUBIC, antialias=True)
             img = F.center_crop(img, [c, c])
-        return img
+        # Channels last, the decoders' own memory layout (decode() returns a (3, H, W) view of it): the batch
+        # is then one plain copy per image; a (B, 3, C, C) batch costs a strided gather (measured at 256 px:
+        # 0.12 against 0.02 ms per row, a fifth of the data side's CPU).
+        return img.permute(1, 2, 0)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         new = sorted({t for t in texts if t not in self._tokens})
@@ -117,7 +120,7 @@ class DecodeTransform:
             )
         c = self.canvas
         out = {
-            "image": torch.stack(images).numpy() if images else np.zeros((0, 3, c, c), np.uint8),
+            "image": torch.stack(images).numpy() if images else np.zeros((0, c, c, 3), np.uint8),
             "key": row_keys(np.asarray(ids, dtype=object)[keep]),
             "tokens": self.tokenize([str(batch["text"][i]) for i in keep]).numpy().astype(np.int64),
             "label": np.asarray(batch["label"])[keep].astype(np.int64),

@@ -55,7 +55,7 @@ def decode(data: bytes) -> torch.Tensor:
                 f"raw image of {h}x{w} has {len(data) - 8} bytes, expected {int(h) * int(w) * 3}"
             )
         pixels = torch.frombuffer(bytearray(data[8:]), dtype=torch.uint8)
-        return pixels.view(int(h), int(w), 3).permute(2, 0, 1).contiguous()
+        return pixels.view(int(h), int(w), 3).permute(2, 0, 1)  # a view, like torchvision's decoders give
     try:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:

@@ -45,9 +45,14 @@ class DevicePreprocess:
         self.bank = SymbolBank(image_size, self.device)
 
     def images(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """uint8 (B, 3, C, C) on the device; encoded bytes (`image_bytes`) are decoded there (CUDA: nvJPEG)."""
+        """uint8 (B, 3, C, C) on the device, from the data side's channels-last (B, C, C, 3) `image` or from
+        encoded bytes (`image_bytes`) decoded there (CUDA: nvJPEG)."""
         if "image_bytes" not in batch:
-            return _tensor(batch["image"]).to(self.device, non_blocking=True)
+            # The transpose runs here, after the copy to the device: on CPU the warp and the eval resize are
+            # 20-25% slower on a channels-last view than on the contiguous copy (measured; the copy: 3 ms / 32
+            # rows at 256 px), and on a GPU it is a cheap device copy.
+            x = _tensor(batch["image"]).to(self.device, non_blocking=True)
+            return x.permute(0, 3, 1, 2).contiguous()
         data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in batch["image_bytes"]]
         if self.device.type == "cuda":
             from torchvision.io import decode_jpeg

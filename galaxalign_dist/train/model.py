@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -202,13 +204,33 @@ def compile_towers(model: TriModalCLIP, backend: str = "inductor") -> None:
             tower.compile(backend=backend)
 
 
-def build_tokenizer(model_cfg: ModelConfig) -> Callable[[list[str]], torch.Tensor]:
+def build_tokenizer(model_cfg: ModelConfig) -> Tokenizer:
     """open_clip's tokenizer for the model (the BPE vocabulary ships with open_clip: no download)."""
-    cfg = _open_clip_cfg(model_cfg.name) or {}
+    return Tokenizer(model_cfg.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """open_clip's tokenizer of a model, shipped by name and built once per process.
+
+    Why not the tokenizer object itself: its BPE tables pickle to 2 MB that take ~30 ms to unpickle, and
+    Ray Data unpickles a task's transform in every task (seen: 47 decode tasks a 1,600-row epoch, 1.5 s of
+    CPU); a name costs nothing to ship.
+    """
+
+    name: str
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return _open_clip_tokenizer(self.name)(texts)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_clip_tokenizer(name: str) -> Callable[[list[str]], torch.Tensor]:
+    cfg = _open_clip_cfg(name) or {}
     context_length = cfg.get("text_cfg", {}).get("context_length", 77)
-    if model_cfg.name in FLAVOURS:
+    if name in FLAVOURS:
         return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
-    return open_clip.get_tokenizer(model_cfg.name, context_length=context_length)
+    return open_clip.get_tokenizer(name, context_length=context_length)
 
 
 def build_transform(cfg: Config, train: bool, keep_ids: bool = False) -> TripletTransform:

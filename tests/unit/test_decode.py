@@ -50,17 +50,17 @@ def tokenizer() -> SimpleTokenizer:
 def test_data_side_hands_over_uint8_tokens_and_specs_only(tokenizer):
     rows = _rows(_pixels(6, 48))
     out = DecodeTransform(48, tokenizer)(rows)
-    assert out["image"].dtype == np.uint8 and out["image"].shape == (6, 3, 48, 48)
+    assert out["image"].dtype == np.uint8 and out["image"].shape == (6, 48, 48, 3)  # channels last
     assert not any(v.dtype.kind == "f" for v in out.values())  # no float32 crosses the object store
     assert out["tokens"].dtype == np.int64 and out["tokens"].shape == (6, 16)
     assert list(out["symbol"]) == list(rows["symbol"]) and out["key"].dtype == np.int64
-    assert np.array_equal(out["image"], _pixels(6, 48).transpose(0, 3, 1, 2))  # PNG: exact
+    assert np.array_equal(out["image"], _pixels(6, 48))  # PNG: exact
     assert "id" not in out and "id" in DecodeTransform(48, tokenizer, keep_ids=True)(rows)
 
 
 def test_data_side_resizes_only_off_canvas_images(tokenizer):
     out = DecodeTransform(32, tokenizer)(_rows(_pixels(2, 64)))
-    assert out["image"].shape == (2, 3, 32, 32)
+    assert out["image"].shape == (2, 32, 32, 3)
     assert canvas_size([256, 256], 224) == 256  # shipped as stored: the device warp crops and scales
     assert canvas_size([424, 424], 64) == 72  # much larger than the input: resized on the data side
     assert canvas_size(None, 224) == 251

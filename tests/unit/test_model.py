@@ -78,3 +78,15 @@ def test_warmup_cosine_schedule():
     assert fn(0) == 0.1 and fn(9) == 1.0
     assert math.isclose(fn(55), 0.5, abs_tol=1e-9) and fn(100) == 0.0
     assert lr_lambda(10, 0.0, "constant")(7) == 1.0
+
+
+def test_tokenizer_ships_by_name_and_tokenizes_like_open_clip():
+    import pickle
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    texts = ["A picture of a round smooth galaxy", "A picture of an edge-on disk"]
+    tokenizer = build_tokenizer(config.load("demo_cpu").model)
+    shipped = pickle.dumps(tokenizer)
+    assert len(shipped) < 1000  # the name, not open_clip's 2 MB of BPE tables (unpickled per Ray task)
+    assert torch.equal(pickle.loads(shipped)(texts), SimpleTokenizer(context_length=32)(texts))
