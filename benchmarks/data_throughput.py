@@ -36,6 +36,9 @@ def make_config(data_path: Path, model: str, batch: int, cpus_per_worker: float)
             "data.batch_size": batch,
             "engine.num_workers": 1,
             "engine.cpus_per_worker": cpus_per_worker,
+            # The streamed pipeline, as a catalogue runs it: these small sets would otherwise be decoded
+            # once and kept (data.cache_decoded_gb), and later epochs would measure no decode.
+            "data.cache_decoded_gb": 0,
         },
     )
 
@@ -121,41 +124,12 @@ def consumer_worker(loop_config: dict[str, Any]) -> None:
     ray.train.report({"epochs": out, "stats": shard.stats()[-6000:]}, checkpoint=ckpt)
 
 
-def build_dataset(cfg: Config, variant: str):  # noqa: ANN201
-    """The product's train_dataset(cfg), or a variant of it that tests a recommendation."""
-    import ray.data
-
-    from galaxalign_dist.launch.data import COLUMNS, canvas, train_dataset
-    from galaxalign_dist.train.model import build_decode
-
-    meta = shards.read_metadata(cfg.data.path)
-    if variant in ("default", "files"):
-        # The streamed pipeline, as a catalogue runs it: these small benchmark sets would otherwise be
-        # decoded once and cached (launch/data.py CACHE_DECODED_MAX_BYTES), which measures no decode.
-        # 'files': the same rows written as many small files (prepare's rows_per_file). Ray Data may still
-        # pack small files into one read task (seen: 8 files of 500 rows -> one fused read+transform
-        # task), which this variant makes visible.
-        return train_dataset(cfg, meta, cache_max_bytes=0)
-    files = shards.split_files(cfg.data.path, cfg.data.train_split)
-    if variant == "blocks":
-        # Ask for many read blocks (Ray may not split a Parquet file below one block per file).
-        n_blocks = max(16, 8 * (os.cpu_count() or 1))
-        ds = ray.data.read_parquet(files, columns=COLUMNS, shuffle="files", override_num_blocks=n_blocks)
-    else:
-        raise ValueError(f"unknown variant {variant!r}")
-    return ds.map_batches(
-        build_decode(cfg, canvas(cfg, meta)), batch_format="numpy", batch_size=cfg.micro_batch_size
-    )
-
-
-def pipeline_run(
-    cfg: Config, epochs: int, storage: str, tag: str, variant: str = "default"
-) -> dict[str, Any]:
+def pipeline_run(cfg: Config, epochs: int, storage: str, tag: str) -> dict[str, Any]:
     """One TorchTrainer (1 worker) over the real train_dataset: Parquet -> decode (Ray Data) -> worker batches."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from galaxalign_dist.launch.data import quiet_data_context
+    from galaxalign_dist.launch.data import quiet_data_context, train_dataset
 
     quiet_data_context()
     trainer = TorchTrainer(
@@ -165,7 +139,8 @@ def pipeline_run(
             num_workers=1, use_gpu=False, resources_per_worker={"CPU": cfg.engine.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="gloo"),
-        datasets={"train": build_dataset(cfg, variant)},
+        # The product's train_dataset, streamed (make_config sets data.cache_decoded_gb to 0).
+        datasets={"train": train_dataset(cfg, shards.read_metadata(cfg.data.path))},
         run_config=ray.train.RunConfig(name=tag, storage_path=storage),
     )
     result = trainer.fit()
@@ -396,7 +371,7 @@ def main(argv: list[str] | None = None) -> float:
                     image_format=args.image_format,
                 )
                 vcfg = make_config(small, model, args.batch, args.cpus_per_worker)
-            m = pipeline_run(vcfg, args.epochs, storage, f"data-{kind}-{variant}", variant=variant)
+            m = pipeline_run(vcfg, args.epochs, storage, f"data-{kind}-{variant}")
             steady, first_epoch, detail = describe_run(m)
             r["variants"][variant] = steady
             print(f"  variant '{variant}' pipeline: {steady:.1f} triplets/s ({detail})", flush=True)

@@ -31,6 +31,9 @@ class DataConfig:
     batch_size: int = 256
     augment: bool = True
     shuffle_buffer: int = 512  # rows in each worker's local shuffle buffer (Ray Data)
+    # A training split at most this many GB decoded (rows x 3 x canvas^2 bytes) is decoded once and kept in Ray's
+    # object store; a larger one (a catalogue) is read and decoded again each epoch. 0 = always stream.
+    cache_decoded_gb: float = 1.0
     on_bad_image: str = "error"  # error: stop naming the row id | skip: drop it, counted in the logs
     max_train_rows: int = 0  # 0 = all; > 0 takes a stratified subset (few-shot curves)
 
@@ -329,6 +332,8 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if d.batch_size < 1:
         raise ConfigError(f"data.batch_size: must be >= 1, got {d.batch_size}")
+    if not math.isfinite(d.cache_decoded_gb) or d.cache_decoded_gb < 0:
+        raise ConfigError(f"data.cache_decoded_gb: must be a finite number >= 0, got {d.cache_decoded_gb}")
     per_step = e.num_workers * e.grad_accum_steps
     if d.batch_size % per_step:
         raise ConfigError(

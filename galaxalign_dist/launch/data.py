@@ -45,13 +45,6 @@ def canvas(cfg: Config, meta: dict[str, Any]) -> int:
     return canvas_size(meta.get("image_size"), image_size(cfg.model))
 
 
-# Decoded training sets up to this size are decoded once and kept in the object store (well under its
-# default share, 30% of RAM: 6.8 GB on a 24 GiB host): decoding is epoch-independent now that augmentation runs
-# on the device, and a materialised dataset spares each epoch Ray Data's read-and-decode start-up (4-6 s
-# per epoch measured in the CPU demo, most of its data wait). Larger sets (a catalogue) stream.
-CACHE_DECODED_MAX_BYTES = 1 << 30
-
-
 # Rows per read block, so per decode task. Ray Data's own choice cuts blocks of >= 1 MiB of *encoded* bytes
 # (~35 JPEG rows at 256 px: 47 tasks for 1,609 rows), and each task then pays more in scheduling and in
 # unpickling its transform than the 25 ms it decodes. Measured per epoch after the first (1,609 rows, 2 CPUs,
@@ -65,10 +58,8 @@ def decoded_bytes(cfg: Config, meta: dict[str, Any]) -> int:
     return rows * 3 * canvas(cfg, meta) ** 2
 
 
-def train_dataset(
-    cfg: Config, meta: dict[str, Any], cache_max_bytes: int = CACHE_DECODED_MAX_BYTES
-) -> ray.data.Dataset:
-    """Read and decode in Ray Data tasks while workers train; sets up to cache_max_bytes decoded once and kept."""
+def train_dataset(cfg: Config, meta: dict[str, Any]) -> ray.data.Dataset:
+    """Read and decode in Ray Data tasks while workers train; splits up to data.cache_decoded_gb decoded once."""
     # The filesystem shards.py resolved (local, or from an s3:// / gs:// URI with its query options)
     # travels with the paths, so read tasks on every node open the files the same way.
     # shuffle="files": a new file order every epoch (streamed sets).
@@ -83,7 +74,10 @@ def train_dataset(
     ds = ds.map_batches(
         build_decode(cfg, canvas(cfg, meta)), batch_format="numpy", batch_size=cfg.micro_batch_size
     )
-    if decoded_bytes(cfg, meta) <= cache_max_bytes:
+    # Decoding is epoch-independent (augmentation runs on the device), so a split that fits (the default 1 GB
+    # is well under the object store's default share, 30% of RAM) is decoded once: that spares every epoch
+    # Ray Data's read-and-decode start-up. A catalogue streams.
+    if decoded_bytes(cfg, meta) <= cfg.data.cache_decoded_gb * 1e9:
         ds = ds.materialize()
     return ds
 

@@ -106,15 +106,18 @@ def test_streamed_pipeline_delivers_the_cached_rows_in_decode_sized_blocks(
     rows; blocks are ROWS_PER_DECODE_TASK rows, not Ray's ~1 MiB of encoded bytes."""
     import numpy as np
     import ray.data
+    from ray.data.dataset import MaterializedDataset
 
     from galaxalign_dist.data import shards
     from galaxalign_dist.launch.data import ROWS_PER_DECODE_TASK, train_dataset
 
-    cfg = _cfg(synthetic_data, tmp_path)
     meta = shards.read_metadata(synthetic_data)
     v2 = ray.data.DataContext.get_current().use_datasource_v2
-    cached, streamed = train_dataset(cfg, meta), train_dataset(cfg, meta, cache_max_bytes=0)
+    cached = train_dataset(_cfg(synthetic_data, tmp_path), meta)
+    streamed = train_dataset(_cfg(synthetic_data, tmp_path, **{"data.cache_decoded_gb": 0}), meta)
     assert ray.data.DataContext.get_current().use_datasource_v2 == v2  # the reader switch is restored
+    assert isinstance(cached, MaterializedDataset)
+    assert not isinstance(streamed, MaterializedDataset)
     rows = meta["splits"]["train"]["rows"]
     assert cached.num_blocks() == -(-rows // ROWS_PER_DECODE_TASK) > 1
 

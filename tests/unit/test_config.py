@@ -40,6 +40,7 @@ def test_overrides_are_typed_and_dotted():
         (["engine.precision=fp8"], "engine.precision: 'fp8' is not one of"),
         (["engine.offload_params=true"], "engine.offload_params: parameter offload needs"),
         (["optim.lr.text=-1"], "optim.lr.text: must be a finite number"),
+        (["data.cache_decoded_gb=-1"], "data.cache_decoded_gb: must be a finite number >= 0"),
         (["engine"], "expected KEY=VALUE"),
     ],
 )
