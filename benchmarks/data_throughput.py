@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> float:
     )
     ap.add_argument("--rounds", type=int, default=2, help="interleaved (raw decode, pipeline) pairs")
     ap.add_argument(
-        "--epochs", type=int, default=2, help="epochs per pipeline run (the 1st has one-off start-up)"
+        "--epochs", type=int, default=4, help="epochs per pipeline run (the 1st has one-off start-up)"
     )
     ap.add_argument("--batch", type=int, default=32, help="micro batch the worker asks for")
     ap.add_argument(
