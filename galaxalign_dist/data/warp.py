@@ -1,7 +1,8 @@
 """Batched image geometry on the training device: the augmentation warp, eval resize + centre crop, normalisation.
 
-The data side hands the worker uint8 pixels (viewed here as (B, 3, H, W)); everything here runs on whatever device they are
-on (CPU or CUDA, the same code), one kernel per step for the whole batch instead of per-sample CPU work.
+The data side hands the worker uint8 pixels (taken here as (B, 3, H, W)); everything here runs on whatever
+device they are on (CPU or CUDA, the same code), one kernel per step for the whole batch instead of
+per-sample CPU work.
 Per-sample warp parameters are drawn from (seed, epoch, row id) by `draw_params`, so augmentation is
 reproducible whatever the batching.
 """
