@@ -302,13 +302,16 @@ def main(argv: list[str] | None = None) -> float:
         "--variants", default="files", help="extra pipeline variants, run once per size ('' = none)"
     )
     ap.add_argument("--variant-sizes", default="256", help="dataset kinds the variants run on")
+    ap.add_argument(
+        "--rows", type=int, default=0, help="rows of each dataset (0 = 4,000 at 64 px, 2,000 at 256 px)"
+    )
     ap.add_argument("--profile-rows", type=int, default=100)
     ap.add_argument("--train-steps", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--tiny-batch", type=int, default=32)
     ap.add_argument("--vit-batch", type=int, default=8)
     ap.add_argument("--image-format", default=None, help="prepare's --image-format of the datasets")
     args = ap.parse_args(argv)
-    rows_override = None
+    rows_override = args.rows or None
     if args.quick:
         args.sizes, args.rounds, args.epochs, args.profile_rows = "64", 1, 1, 20
         args.train_steps, args.variants, rows_override = False, "", 600
