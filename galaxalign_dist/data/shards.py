@@ -47,6 +47,7 @@ from galaxalign_dist.data.store import (
     read_metadata,
     split_files,
     split_paths,
+    split_rows,
 )
 from galaxalign_dist.paths import is_uri
 
@@ -55,7 +56,7 @@ __all__ = [  # the names callers import from here (format.py and store.py names 
     "LEGACY_METADATA_FILE", "METADATA_FILE", "METADATA_FILES", "SPLITS", "OutputExistsError", "ShardWriter",
     "_fs_and_path", "_shown", "arrow_schema", "atomic_output_dir", "check_local_output", "check_output_dir",
     "check_split_files", "dataset", "dataset_metadata", "is_prepared", "read_metadata", "schema_from_metadata",
-    "split_files", "split_paths", "write_metadata", "write_subset",
+    "split_files", "split_paths", "split_rows", "write_metadata", "write_subset",
 ]  # fmt: skip
 
 # Images are already compressed (PNG/JPEG): compressing them again costs CPU for ~nothing,

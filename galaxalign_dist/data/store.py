@@ -96,6 +96,11 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+def split_rows(meta: dict[str, Any], split: str) -> int:
+    """Rows of one split, from a dataset's metadata."""
+    return int(meta["splits"][split]["rows"])
+
+
 def split_paths(directory: str | Path, split: str) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem holding a dataset and one split's Parquet files as sorted paths inside it
     (empty if the split has no rows): what pyarrow.dataset and ray.data.read_parquet take together."""

@@ -54,8 +54,7 @@ ROWS_PER_DECODE_TASK = 256
 
 def decoded_bytes(cfg: Config, meta: dict[str, Any]) -> int:
     """Bytes of the decoded training split: rows x the uint8 canvas (3 channels)."""
-    rows = int(meta["splits"][cfg.data.train_split]["rows"])
-    return rows * 3 * canvas(cfg, meta) ** 2
+    return shards.split_rows(meta, cfg.data.train_split) * 3 * canvas(cfg, meta) ** 2
 
 
 def train_dataset(cfg: Config, meta: dict[str, Any]) -> ray.data.Dataset:
@@ -64,7 +63,7 @@ def train_dataset(cfg: Config, meta: dict[str, Any]) -> ray.data.Dataset:
     # travels with the paths, so read tasks on every node open the files the same way.
     # shuffle="files": a new file order every epoch (streamed sets).
     fs, files = shards.split_paths(cfg.data.path, cfg.data.train_split)
-    blocks = max(1, -(-int(meta["splits"][cfg.data.train_split]["rows"]) // ROWS_PER_DECODE_TASK))
+    blocks = max(1, -(-shards.split_rows(meta, cfg.data.train_split) // ROWS_PER_DECODE_TASK))
     with parquet_reader_v1():
         ds = ray.data.read_parquet(
             files, filesystem=fs, columns=COLUMNS, shuffle="files", override_num_blocks=blocks

@@ -116,7 +116,7 @@ def ablate(cfg: Config, out: str | Path, names: list[str] | None = None) -> list
 
 def fewshot(cfg: Config, out: str | Path, fractions: list[float]) -> list[dict[str, Any]]:
     """Train on stratified fractions of the train split (same test split); F1 against fraction."""
-    from galaxalign_dist.data.shards import is_prepared, read_metadata, write_subset
+    from galaxalign_dist.data.shards import is_prepared, read_metadata, split_rows, write_subset
 
     out = Path(out).resolve()
     # Every check before anything is written: bad input leaves no --out directory behind.
@@ -132,7 +132,7 @@ def fewshot(cfg: Config, out: str | Path, fractions: list[float]) -> list[dict[s
         data_dir = out / f"{name}-data"
         if not is_prepared(data_dir):
             write_subset(cfg.data.path, data_dir, cfg.data.train_split, frac, seed=cfg.run.seed)
-        n_train = read_metadata(data_dir)["splits"][cfg.data.train_split]["rows"]
+        n_train = split_rows(read_metadata(data_dir), cfg.data.train_split)
         # Keep the global batch no larger than the subset so every worker still gets a full batch.
         per_step = cfg.engine.num_workers * cfg.engine.grad_accum_steps
         batch = max(per_step, min(cfg.data.batch_size, (n_train // per_step) * per_step))

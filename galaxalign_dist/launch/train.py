@@ -38,7 +38,7 @@ def ensure_dataset(cfg: Config) -> dict[str, Any]:
         if not shards.split_files(path, split):
             raise FileNotFoundError(f"data.path: {path} has no '{split}' split (see its _metadata.json)")
         shards.check_split_files(path, split, meta)  # a truncated/missing shard fails here, not in a worker
-    n_train = split_rows(meta, cfg.data.train_split)
+    n_train = shards.split_rows(meta, cfg.data.train_split)
     per_rank = n_train // cfg.engine.num_workers
     if per_rank < cfg.micro_batch_size:
         raise ValueError(
@@ -46,10 +46,6 @@ def ensure_dataset(cfg: Config) -> dict[str, Any]:
             f"than one micro batch of {cfg.micro_batch_size}; lower data.batch_size or add data"
         )
     return meta
-
-
-def split_rows(meta: dict[str, Any], split: str) -> int:
-    return int(meta["splits"][split]["rows"])
 
 
 def check(cfg: Config) -> dict[str, Any]:
@@ -93,7 +89,7 @@ def worker_data(cfg: Config) -> TrainData:
     meta = shards.read_metadata(cfg.data.path)
     mb = cfg.micro_batch_size
     # Validation reads its split directly (pyarrow, rank-sharded): a few thousand rows at most.
-    n_val = min(split_rows(meta, cfg.data.val_split), cfg.run.eval_max_rows)
+    n_val = min(shards.split_rows(meta, cfg.data.val_split), cfg.run.eval_max_rows)
     val_bs = max(1, min(mb, n_val // world))
     val_batches_per_rank = (n_val // world) // val_bs
     val_decode = build_decode(cfg, canvas(cfg, meta))  # eval geometry is applied on the device
@@ -112,7 +108,7 @@ def worker_data(cfg: Config) -> TrainData:
 
     return TrainData(
         train=shard_batches(ray.train.get_dataset_shard("train"), cfg),
-        steps_per_epoch=(split_rows(meta, cfg.data.train_split) // world) // mb,
+        steps_per_epoch=(shards.split_rows(meta, cfg.data.train_split) // world) // mb,
         val=val_batches if val_batches_per_rank > 0 else None,
         class_tokens=build_tokenizer(cfg.model)(list(meta["captions"])),
         decoded=True,
