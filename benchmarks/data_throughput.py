@@ -105,10 +105,13 @@ def consumer_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from galaxalign_dist import config as config_mod
-    from galaxalign_dist.launch.data import shard_batches
+    from galaxalign_dist.data import shards
+    from galaxalign_dist.launch.data import epoch_batches
 
     cfg = config_mod.from_dict(loop_config["config"], validate=False)
-    batches, epochs = shard_batches(ray.train.get_dataset_shard("train"), cfg), loop_config["epochs"]
+    meta = shards.read_metadata(cfg.data.path)
+    steps = shards.split_rows(meta, cfg.data.train_split) // cfg.micro_batch_size
+    batches, epochs = epoch_batches(cfg, meta, steps), loop_config["epochs"]
     shard = ray.train.get_dataset_shard("train")
     out = []
     for epoch in range(epochs):
@@ -129,18 +132,21 @@ def pipeline_run(cfg: Config, epochs: int, storage: str, tag: str) -> dict[str, 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from galaxalign_dist.launch.data import quiet_data_context, train_dataset
+    from galaxalign_dist.launch.data import quiet_data_context, train_datasets
 
     quiet_data_context()
+    # The consumer runs `epochs` epochs, so the next-epoch prefetch stops after the last of them.
+    run_config = cfg.to_dict()
+    run_config["stages"].update(stage1_epochs=epochs, stage2_epochs=0)
     trainer = TorchTrainer(
         consumer_worker,
-        train_loop_config={"config": cfg.to_dict(), "epochs": epochs},
+        train_loop_config={"config": run_config, "epochs": epochs},
         scaling_config=ray.train.ScalingConfig(
             num_workers=1, use_gpu=False, resources_per_worker={"CPU": cfg.engine.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="gloo"),
-        # The product's train_dataset, streamed (make_config sets data.cache_decoded_gb to 0).
-        datasets={"train": train_dataset(cfg, shards.read_metadata(cfg.data.path))},
+        # The product's train datasets, streamed (make_config sets data.cache_decoded_gb to 0).
+        datasets=train_datasets(cfg, shards.read_metadata(cfg.data.path)),
         run_config=ray.train.RunConfig(name=tag, storage_path=storage),
     )
     result = trainer.fit()

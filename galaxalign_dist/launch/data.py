@@ -12,6 +12,7 @@ import ray.data
 from galaxalign_dist.config import Config
 from galaxalign_dist.data import shards
 from galaxalign_dist.data.decode import COLUMNS, canvas_size
+from galaxalign_dist.launch.prefetch import EpochPrefetcher
 from galaxalign_dist.train.model import build_decode, image_size
 
 
@@ -57,6 +58,22 @@ def decoded_bytes(cfg: Config, meta: dict[str, Any]) -> int:
     return shards.split_rows(meta, cfg.data.train_split) * 3 * canvas(cfg, meta) ** 2
 
 
+def streamed(cfg: Config, meta: dict[str, Any]) -> bool:
+    """True when every epoch reads and decodes the split again (over data.cache_decoded_gb decoded)."""
+    return decoded_bytes(cfg, meta) > cfg.data.cache_decoded_gb * 1e9
+
+
+# The Ray Train dataset names of the train split. A streamed split is handed to the workers twice, so even
+# epochs run on one streaming split and odd epochs on the other, and the next epoch's execution can start
+# while this one's last batches train (launch/prefetch.py); one streaming split allows one epoch at a time.
+TRAIN = ("train", "train_odd_epochs")
+
+
+def train_names(cfg: Config, meta: dict[str, Any]) -> tuple[str, ...]:
+    """The names of TRAIN the split goes under: both when it streams, else the first."""
+    return TRAIN if streamed(cfg, meta) else TRAIN[:1]
+
+
 def train_dataset(cfg: Config, meta: dict[str, Any]) -> ray.data.Dataset:
     """Read and decode in Ray Data tasks while workers train; splits up to data.cache_decoded_gb decoded once."""
     # The filesystem shards.py resolved (local, or from an s3:// / gs:// URI with its query options)
@@ -76,26 +93,38 @@ def train_dataset(cfg: Config, meta: dict[str, Any]) -> ray.data.Dataset:
     # Decoding is epoch-independent (augmentation runs on the device), so a split that fits (the default 1 GB
     # is well under the object store's default share, 30% of RAM) is decoded once: that spares every epoch
     # Ray Data's read-and-decode start-up. A catalogue streams.
-    if decoded_bytes(cfg, meta) <= cfg.data.cache_decoded_gb * 1e9:
-        ds = ds.materialize()
-    return ds
+    return ds if streamed(cfg, meta) else ds.materialize()
 
 
-def shard_batches(shard: ray.data.DataIterator, cfg: Config) -> Callable[[int], Iterable[dict[str, Any]]]:
-    """A worker's batches for one epoch: micro batches of its Ray Data shard, locally shuffled.
+def train_datasets(cfg: Config, meta: dict[str, Any]) -> dict[str, ray.data.Dataset]:
+    """The `datasets` of the TorchTrainer: the train split under TRAIN's names (both, when it streams)."""
+    ds = train_dataset(cfg, meta)
+    return dict.fromkeys(train_names(cfg, meta), ds)
+
+
+def epoch_batches(
+    cfg: Config, meta: dict[str, Any], steps_per_epoch: int
+) -> Callable[[int], Iterable[dict[str, Any]]]:
+    """In a Ray Train worker: epoch -> this worker's micro batches of its train shard(s), locally shuffled.
 
     drop_last + Ray's equal split: every rank yields the same number of batches, which ZeRO's
     collectives and ray.train.report (a barrier) both need.
     """
+    import ray.train
+
+    its = [ray.train.get_dataset_shard(name) for name in train_names(cfg, meta)]
     shuffle = cfg.data.shuffle_buffer if cfg.data.augment else None
 
-    def epoch_batches(epoch: int) -> Iterable[dict[str, Any]]:
+    def open_epoch(epoch: int) -> Iterable[dict[str, Any]]:
         # numpy, not torch batches: the symbol specs are strings (the device side looks them up in its bank).
-        return shard.iter_batches(
+        return its[epoch % len(its)].iter_batches(
             batch_size=cfg.micro_batch_size,
             drop_last=True,
             local_shuffle_buffer_size=shuffle,
             batch_format="numpy",
         )
 
-    return epoch_batches
+    if len(its) == 1:
+        return open_epoch  # decoded once: an epoch's first batch is there at once (0.04 s in the demo)
+    last = cfg.stages.stage1_epochs + cfg.stages.stage2_epochs - 1
+    return EpochPrefetcher(open_epoch, last_epoch=last, steps_per_epoch=steps_per_epoch)

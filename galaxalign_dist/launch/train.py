@@ -80,7 +80,7 @@ def worker_data(cfg: Config) -> TrainData:
     import ray.train
 
     from galaxalign_dist.data.reader import iter_batches
-    from galaxalign_dist.launch.data import canvas, shard_batches
+    from galaxalign_dist.launch.data import canvas, epoch_batches
     from galaxalign_dist.train.model import build_decode, build_tokenizer
     from galaxalign_dist.train.trainer import TrainData
 
@@ -106,9 +106,10 @@ def worker_data(cfg: Config) -> TrainData:
         )
         return itertools.islice(it, val_batches_per_rank)
 
+    steps_per_epoch = (shards.split_rows(meta, cfg.data.train_split) // world) // mb
     return TrainData(
-        train=shard_batches(ray.train.get_dataset_shard("train"), cfg),
-        steps_per_epoch=(shards.split_rows(meta, cfg.data.train_split) // world) // mb,
+        train=epoch_batches(cfg, meta, steps_per_epoch),
+        steps_per_epoch=steps_per_epoch,
         val=val_batches if val_batches_per_rank > 0 else None,
         class_tokens=build_tokenizer(cfg.model)(list(meta["captions"])),
         decoded=True,
@@ -145,7 +146,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, train_loop=No
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from galaxalign_dist.launch.data import quiet_data_context, train_dataset
+    from galaxalign_dist.launch.data import quiet_data_context, train_datasets
 
     quiet_data_context()
     cfg = absolute_paths(cfg)
@@ -165,7 +166,7 @@ def build_trainer(cfg: Config, callbacks: list[Any] | None = None, train_loop=No
         ),
         # gloo on CPU, nccl on GPU: the same loop code either way.
         torch_config=TorchConfig(backend="nccl" if e.use_gpu else "gloo"),
-        datasets={"train": train_dataset(cfg, shards.read_metadata(cfg.data.path))},
+        datasets=train_datasets(cfg, shards.read_metadata(cfg.data.path)),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=paths.storage,

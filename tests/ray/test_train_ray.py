@@ -109,17 +109,19 @@ def test_streamed_pipeline_delivers_the_cached_rows_in_decode_sized_blocks(
     from ray.data.dataset import MaterializedDataset
 
     from galaxalign_dist.data import shards
-    from galaxalign_dist.launch.data import ROWS_PER_DECODE_TASK, train_dataset
+    from galaxalign_dist.launch.data import ROWS_PER_DECODE_TASK, TRAIN, train_datasets
 
     meta = shards.read_metadata(synthetic_data)
     v2 = ray.data.DataContext.get_current().use_datasource_v2
-    cached = train_dataset(_cfg(synthetic_data, tmp_path), meta)
-    streamed = train_dataset(_cfg(synthetic_data, tmp_path, **{"data.cache_decoded_gb": 0}), meta)
+    cached = train_datasets(_cfg(synthetic_data, tmp_path), meta)
+    streamed = train_datasets(_cfg(synthetic_data, tmp_path, **{"data.cache_decoded_gb": 0}), meta)
     assert ray.data.DataContext.get_current().use_datasource_v2 == v2  # the reader switch is restored
-    assert isinstance(cached, MaterializedDataset)
-    assert not isinstance(streamed, MaterializedDataset)
+    # Decoded once: one dataset. Streamed: the same dataset under both names, one per epoch parity.
+    assert list(cached) == [TRAIN[0]] and isinstance(cached[TRAIN[0]], MaterializedDataset)
+    assert list(streamed) == list(TRAIN) and streamed[TRAIN[0]] is streamed[TRAIN[1]]
+    assert not isinstance(streamed[TRAIN[0]], MaterializedDataset)
     rows = meta["splits"]["train"]["rows"]
-    assert cached.num_blocks() == -(-rows // ROWS_PER_DECODE_TASK) > 1
+    assert cached[TRAIN[0]].num_blocks() == -(-rows // ROWS_PER_DECODE_TASK) > 1
 
     def by_key(ds: ray.data.Dataset) -> dict[int, tuple[bytes, int, str]]:
         out = {}
@@ -129,7 +131,76 @@ def test_streamed_pipeline_delivers_the_cached_rows_in_decode_sized_blocks(
                 out[int(key)] = (image.tobytes(), int(label), str(symbol))
         return out
 
-    expected = by_key(cached)
+    expected = by_key(cached[TRAIN[0]])
     assert len(expected) == rows
     for _ in range(2):  # the streamed dataset runs its whole plan again each epoch
-        assert by_key(streamed) == expected
+        assert by_key(streamed[TRAIN[0]]) == expected
+
+
+def _epoch_keys_loop(loop_config: dict) -> None:
+    """A Train worker that takes every epoch's batches as the Trainer does and writes down their row keys."""
+    import ray.train
+
+    from galaxalign_dist import config as config_mod
+    from galaxalign_dist.data import shards
+    from galaxalign_dist.launch.data import epoch_batches
+
+    cfg = config_mod.from_dict(loop_config["config"], validate=False)
+    meta = shards.read_metadata(cfg.data.path)
+    ctx = ray.train.get_context()
+    steps = (shards.split_rows(meta, cfg.data.train_split) // ctx.get_world_size()) // cfg.micro_batch_size
+    batches = epoch_batches(cfg, meta, steps)
+    n_epochs = cfg.stages.stage1_epochs + cfg.stages.stage2_epochs
+    keys = [[int(k) for b in batches(e) for k in b["key"]] for e in range(n_epochs)]
+    early = [epoch for epoch, _ in getattr(batches, "opened_early", [])]
+    out = Path(loop_config["out"]) / f"rank{ctx.get_world_rank()}.json"
+    out.write_text(json.dumps({"keys": keys, "opened_early": early, "steps": steps}))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("cache_gb", [1.0, 0.0], ids=["decoded-once", "streamed"])
+def test_two_workers_get_every_row_once_per_epoch_and_a_streamed_epoch_opens_early(
+    ray_local, synthetic_data, tmp_path, cache_gb
+):
+    """Through a real TorchTrainer with 2 workers, as train_loop_per_worker takes batches: each epoch deals
+    each worker the same number of distinct rows, none twice; streamed, epochs 1 and 2 start while the epoch
+    before still runs on the other split (the split coordinators' barriers pass with both workers)."""
+    import sys
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    import ray.cloudpickle
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from galaxalign_dist.data import shards
+    from galaxalign_dist.data.decode import row_keys
+    from galaxalign_dist.launch.data import train_datasets
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module
+    cfg = _cfg(
+        synthetic_data,
+        tmp_path,
+        **{"data.cache_decoded_gb": cache_gb, "stages.stage1_epochs": 2, "stages.stage2_epochs": 1},
+    )
+    meta = shards.read_metadata(synthetic_data)
+    trainer = TorchTrainer(
+        _epoch_keys_loop,
+        train_loop_config={"config": cfg.to_dict(), "out": str(tmp_path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        torch_config=TorchConfig(backend="gloo"),
+        datasets=train_datasets(cfg, meta),
+        run_config=ray.train.RunConfig(name=f"epochs-{cache_gb}", storage_path=str(tmp_path / "ray")),
+    )
+    assert trainer.fit().error is None
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ids = pq.read_table(shards.split_files(synthetic_data, "train"), columns=["id"]).column("id")
+    all_keys = {int(k) for k in row_keys(np.asarray(ids.to_pylist(), dtype=object))}
+    assert len(all_keys) == meta["splits"]["train"]["rows"]
+    for epoch in range(3):
+        per_rank = [r["keys"][epoch] for r in ranks]
+        assert [len(k) for k in per_rank] == [ranks[0]["steps"] * cfg.micro_batch_size] * 2
+        dealt = per_rank[0] + per_rank[1]
+        assert len(set(dealt)) == len(dealt) and set(dealt) <= all_keys, epoch
+    for r in ranks:
+        assert r["opened_early"] == ([1, 2] if cache_gb == 0 else [])
