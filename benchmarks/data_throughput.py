@@ -157,8 +157,8 @@ def pipeline_run(cfg: Config, epochs: int, storage: str, tag: str) -> dict[str, 
 
 def ray_data_alone_rate(cfg: Config, epochs: int) -> float:
     """Rows/s Ray Data alone delivers from the same streamed dataset: this process iterates it (no Train worker,
-    no split coordinator, no local shuffle; all CPUs to Ray Data), epochs after the first. The ceiling the
-    pipeline's rate is bounded by on this host."""
+    no split coordinator, no local shuffle; all CPUs to Ray Data), epochs after the first: what Ray Data
+    itself delivers on this host, beside the pipeline's rate."""
     from galaxalign_dist.launch.data import train_dataset
 
     it = train_dataset(cfg, shards.read_metadata(cfg.data.path)).iterator()

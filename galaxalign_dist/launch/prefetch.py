@@ -64,7 +64,7 @@ class EpochPrefetcher:
         return future
 
     def _batches(self, epoch: int) -> Iterator[Any]:
-        # Drop prefetches of other epochs (a resumed run may skip ahead); only `epoch` is needed now.
+        # Only `epoch` is needed now: a prefetch of any other (epochs asked for out of order) is dropped.
         future = self._ahead.pop(epoch, None)
         self._ahead.clear()
         it, batch, startup = (future or self._open(epoch)).result()
