@@ -109,9 +109,7 @@ def consumer_worker(loop_config: dict[str, Any]) -> None:
     from galaxalign_dist.launch.data import epoch_batches
 
     cfg = config_mod.from_dict(loop_config["config"], validate=False)
-    meta = shards.read_metadata(cfg.data.path)
-    steps = shards.split_rows(meta, cfg.data.train_split) // cfg.micro_batch_size
-    batches, epochs = epoch_batches(cfg, meta, steps), loop_config["epochs"]
+    batches, epochs = epoch_batches(cfg, shards.read_metadata(cfg.data.path)), loop_config["epochs"]
     shard = ray.train.get_dataset_shard("train")
     out = []
     for epoch in range(epochs):

@@ -102,9 +102,12 @@ def train_datasets(cfg: Config, meta: dict[str, Any]) -> dict[str, ray.data.Data
     return dict.fromkeys(train_names(cfg, meta), ds)
 
 
-def epoch_batches(
-    cfg: Config, meta: dict[str, Any], steps_per_epoch: int
-) -> Callable[[int], Iterable[dict[str, Any]]]:
+def steps_per_epoch(cfg: Config, meta: dict[str, Any], world: int) -> int:
+    """Micro batches per rank per epoch: Ray's equal split of the train split, then drop_last."""
+    return (shards.split_rows(meta, cfg.data.train_split) // world) // cfg.micro_batch_size
+
+
+def epoch_batches(cfg: Config, meta: dict[str, Any]) -> Callable[[int], Iterable[dict[str, Any]]]:
     """In a Ray Train worker: epoch -> this worker's micro batches of its train shard(s), locally shuffled.
 
     drop_last + Ray's equal split: every rank yields the same number of batches, which ZeRO's
@@ -127,4 +130,5 @@ def epoch_batches(
     if len(its) == 1:
         return open_epoch  # decoded once: an epoch's first batch is there at once (0.04 s in the demo)
     last = cfg.stages.stage1_epochs + cfg.stages.stage2_epochs - 1
-    return EpochPrefetcher(open_epoch, last_epoch=last, steps_per_epoch=steps_per_epoch)
+    steps = steps_per_epoch(cfg, meta, ray.train.get_context().get_world_size())
+    return EpochPrefetcher(open_epoch, last_epoch=last, steps_per_epoch=steps)

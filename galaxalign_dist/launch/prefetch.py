@@ -40,7 +40,7 @@ class EpochPrefetcher:
         self._last_epoch = last_epoch
         self._steps = steps_per_epoch
         self._clock = clock
-        self._ahead: dict[int, Future[Opened]] = {}
+        self._next: tuple[int, Future[Opened]] | None = None  # (epoch, its opening): at most one ahead
         # (epoch, batches of the epoch before it consumed by then): each early open, for logs and tests.
         self.opened_early: list[tuple[int, int]] = []
 
@@ -64,10 +64,10 @@ class EpochPrefetcher:
         return future
 
     def _batches(self, epoch: int) -> Iterator[Any]:
-        # Only `epoch` is needed now: a prefetch of any other (epochs asked for out of order) is dropped.
-        future = self._ahead.pop(epoch, None)
-        self._ahead.clear()
-        it, batch, startup = (future or self._open(epoch)).result()
+        # A prefetch of any other epoch (epochs asked for out of order) is dropped.
+        ahead, self._next = self._next, None
+        future = ahead[1] if ahead is not None and ahead[0] == epoch else self._open(epoch)
+        it, batch, startup = future.result()
         if batch is None:
             return
         yield batch
@@ -75,8 +75,8 @@ class EpochPrefetcher:
         for batch in it:
             yield batch
             n += 1
-            if epoch < self._last_epoch and not self._ahead:
+            if epoch < self._last_epoch and self._next is None:
                 per_batch = (self._clock() - t0) / (n - 1)
                 if (self._steps - n) * per_batch <= LEAD * startup:
-                    self._ahead[epoch + 1] = self._open(epoch + 1)
+                    self._next = (epoch + 1, self._open(epoch + 1))
                     self.opened_early.append((epoch + 1, n))

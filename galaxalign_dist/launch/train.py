@@ -80,7 +80,7 @@ def worker_data(cfg: Config) -> TrainData:
     import ray.train
 
     from galaxalign_dist.data.reader import iter_batches
-    from galaxalign_dist.launch.data import canvas, epoch_batches
+    from galaxalign_dist.launch.data import canvas, epoch_batches, steps_per_epoch
     from galaxalign_dist.train.model import build_decode, build_tokenizer
     from galaxalign_dist.train.trainer import TrainData
 
@@ -106,10 +106,9 @@ def worker_data(cfg: Config) -> TrainData:
         )
         return itertools.islice(it, val_batches_per_rank)
 
-    steps_per_epoch = (shards.split_rows(meta, cfg.data.train_split) // world) // mb
     return TrainData(
-        train=epoch_batches(cfg, meta, steps_per_epoch),
-        steps_per_epoch=steps_per_epoch,
+        train=epoch_batches(cfg, meta),
+        steps_per_epoch=steps_per_epoch(cfg, meta, world),
         val=val_batches if val_batches_per_rank > 0 else None,
         class_tokens=build_tokenizer(cfg.model)(list(meta["captions"])),
         decoded=True,

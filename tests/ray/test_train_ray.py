@@ -149,7 +149,7 @@ def _epoch_keys_loop(loop_config: dict) -> None:
     meta = shards.read_metadata(cfg.data.path)
     ctx = ray.train.get_context()
     steps = (shards.split_rows(meta, cfg.data.train_split) // ctx.get_world_size()) // cfg.micro_batch_size
-    batches = epoch_batches(cfg, meta, steps)
+    batches = epoch_batches(cfg, meta)
     n_epochs = cfg.stages.stage1_epochs + cfg.stages.stage2_epochs
     keys = [[int(k) for b in batches(e) for k in b["key"]] for e in range(n_epochs)]
     early = [epoch for epoch, _ in getattr(batches, "opened_early", [])]
